@@ -23,7 +23,7 @@ _TINY = dict(
 
 def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised causal LM of ``model_type`` with tiny dimensions, in eval mode, float32."""
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     kwargs = {**_TINY, **overrides}
     config = CONFIG_MAPPING[model_type](**kwargs)

@@ -90,6 +90,13 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def _is_linear_like(module: nn.Module | None) -> bool:
+    """An ``nn.Linear`` or a drop-in replacement of one (it keeps ``in_features``/``out_features``)."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Module) and hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+
+
 def get_arch_spec(model: nn.Module) -> ArchSpec:
     """Return the :class:`ArchSpec` of ``model`` and check that the model really has that shape.
 
@@ -104,7 +111,7 @@ def get_arch_spec(model: nn.Module) -> ArchSpec:
             f"model_type {model_type!r}: no decoder layers at {spec.layers!r}; supported layouts are "
             f"Llama-like ({', '.join(sorted(_REGISTRY))}); register others with register_arch_spec()"
         )
-    missing = [p for p in spec.linears.values() if not isinstance(_get(layers[0], p), nn.Linear)]
+    missing = [p for p in spec.linears.values() if not _is_linear_like(_get(layers[0], p))]
     if missing:
         raise ValueError(
             f"model_type {model_type!r}: decoder layer has no nn.Linear at {', '.join(missing)}; "

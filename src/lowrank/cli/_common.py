@@ -25,7 +25,9 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False; use cpu or auto")
+        raise ValueError(
+            "--device cuda was requested but torch.cuda.is_available() is False; use cpu or auto"
+        )
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device must be one of auto, cpu, cuda; got {name!r}")
     return name

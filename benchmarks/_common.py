@@ -1,0 +1,88 @@
+"""Helpers shared by the benchmark scripts: provenance (git SHA, environment) and result files.
+
+Every benchmark prints a table and ends with one JSON line carrying the device, torch version and git
+SHA (``final_line``), and writes its results under ``benchmarks/results/`` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def git_sha(short: bool = False) -> str | None:
+    """The repository's HEAD commit (with ``-dirty`` when the tree has changes), or ``None`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def device_name(device: str) -> str:
+    """A human-readable name of the device: the GPU model for cuda, else the CPU model and core count."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def env_info(device: str = "cpu") -> dict[str, Any]:
+    """Provenance of a benchmark run: device, library versions, git SHA."""
+    import torch
+    import transformers
+
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str | None = None) -> Path:
+    """Write ``results/<name>.json`` (and ``results/<name>.md`` when given) atomically."""
+    from lowrank.io import write_json, write_text
+
+    path = RESULTS_DIR / f"{name}.json"
+    write_json(path, payload)
+    if markdown is not None:
+        write_text(RESULTS_DIR / f"{name}.md", markdown)
+    return path
+
+
+def final_line(**fields: Any) -> str:
+    """The one JSON line every benchmark prints last."""
+    return json.dumps(fields, sort_keys=False, default=str)

@@ -1,0 +1,156 @@
+"""Prefill and decode speed with a real KV cache, synchronised, median of repeats; peak memory."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["ThroughputResult", "throughput"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Outcome of :func:`throughput` (times are medians over the timed repeats)."""
+
+    prefill_tokens_per_s: float
+    """batch_size x prompt_len / prefill time."""
+    decode_tokens_per_s: float
+    """batch_size x gen_len / decode time (one token per step, greedy, reusing the KV cache)."""
+    prefill_seconds: float
+    decode_seconds: float
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+    repeats: int
+    device: str
+    peak_memory_bytes: int | None
+    """See ``peak_memory_kind``; ``None`` where the device reports nothing."""
+    peak_memory_kind: str | None
+    """``'cuda_max_memory_allocated'`` (tensors on the GPU during the run) or ``'process_peak_rss'``
+    (Linux: peak resident memory of the whole process during the run, weights included, after resetting
+    the high-water mark through /proc/self/clear_refs) or ``None``."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@torch.inference_mode()
+def _one_run(model, prompt: torch.Tensor, gen_len: int, device: torch.device) -> tuple[float, float]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    cache = out.past_key_values
+    for _ in range(gen_len):
+        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def throughput(
+    model: torch.nn.Module,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 128,
+    gen_len: int = 64,
+    warmup: int = 1,
+    repeats: int = 3,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ThroughputResult:
+    """Measure prefill and greedy-decode throughput on random prompts.
+
+    Each run feeds a ``(batch_size, prompt_len)`` prompt once (prefill), then decodes ``gen_len`` tokens
+    one step at a time through the returned cache. The device is synchronised around each timed phase;
+    ``warmup`` untimed runs come first and the median of ``repeats`` timed runs is reported.
+
+    Args:
+        model: causal LM (moved nowhere: it must already be on ``device``).
+        batch_size, prompt_len, gen_len: workload shape (each >= 1).
+        warmup: untimed runs (>= 0).
+        repeats: timed runs (>= 1).
+        device: defaults to the device of the model's parameters.
+        seed: seed of the prompt's generator.
+        progress: show a progress bar over the runs.
+
+    Returns:
+        :class:`ThroughputResult`.
+    """
+    if min(batch_size, prompt_len, gen_len, repeats) < 1 or warmup < 0:
+        raise ValueError(
+            f"need batch_size, prompt_len, gen_len, repeats >= 1 and warmup >= 0; got "
+            f"{batch_size}, {prompt_len}, {gen_len}, {repeats}, {warmup}"
+        )
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=g).to(device)
+    for _ in range(warmup):
+        _one_run(model, prompt, gen_len, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        kind = "cuda_max_memory_allocated"
+    else:
+        kind = "process_peak_rss" if _reset_rss_peak() else None
+    times = [
+        _one_run(model, prompt, gen_len, device)
+        for _ in tqdm(range(repeats), desc="throughput", unit="run", disable=not progress)
+    ]
+    if kind == "cuda_max_memory_allocated":
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        peak = _rss_peak_bytes() if kind else None
+        kind = kind if peak is not None else None
+    prefill = statistics.median(t[0] for t in times)
+    decode = statistics.median(t[1] for t in times)
+    return ThroughputResult(
+        prefill_tokens_per_s=batch_size * prompt_len / prefill,
+        decode_tokens_per_s=batch_size * gen_len / decode,
+        prefill_seconds=prefill,
+        decode_seconds=decode,
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        repeats=repeats,
+        device=str(device),
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+    )

@@ -1,0 +1,258 @@
+"""Evaluation harness: perplexity protocol, non-finite detection, measured KV cache, throughput, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, make_tiny_model, random_tokens
+from torch import nn
+
+from lowrank.evaluation import NonFiniteLogitsError, memory_report, perplexity, tensor_bytes, throughput
+from lowrank.evaluation.report import evaluate_model
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+class ConstantLM(nn.Module):
+    """Uniform next-token distribution; windows whose first token is ``poison`` give NaN logits."""
+
+    def __init__(self, vocab: int = 50, poison: int | None = None):
+        super().__init__()
+        self.vocab, self.poison = vocab, poison
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, use_cache=False, **kw):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        if self.poison is not None:
+            logits[input_ids[:, 0] == self.poison] = float("nan")
+        return SimpleNamespace(logits=logits)
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab():
+    ids = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(ConstantLM(50), None, ids, seq_len=64, progress=False)
+    assert result.windows == 1000 // 64
+    assert result.tokens_evaluated == result.windows * 63
+    assert result.perplexity == pytest.approx(50.0, rel=1e-6)
+    assert result.nll == pytest.approx(math.log(50), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_matches_mean_of_per_window_hf_loss(arch):
+    model = make_tiny_model(arch)
+    ids = random_tokens(1, 4 * 32 + 7, seed=1)[0]  # the 7-token remainder is not evaluated
+    result = perplexity(model, None, ids, seq_len=32, progress=False)
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss for w in ids[: 4 * 32].view(4, 32)]
+    expected = torch.stack(losses).mean().item()  # equal windows: mean of means = mean over all tokens
+    assert result.windows == 4 and result.tokens_evaluated == 4 * 31
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_batch_size_and_max_windows():
+    model = make_tiny_model("llama")
+    ids = random_tokens(1, 10 * 16, seed=2)[0]
+    one = perplexity(model, None, ids, seq_len=16, batch_size=1, progress=False)
+    three = perplexity(model, None, ids, seq_len=16, batch_size=3, progress=False)
+    assert three.windows == one.windows == 10
+    assert three.nll == pytest.approx(one.nll, rel=1e-5)
+    first4 = perplexity(model, None, ids, seq_len=16, max_windows=4, progress=False)
+    head = perplexity(model, None, ids[: 4 * 16], seq_len=16, progress=False)
+    assert first4.windows == 4 and first4.nll == pytest.approx(head.nll, rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_non_finite_logits_name_the_window(batch_size):
+    ids = torch.ones(8 * 10, dtype=torch.long)
+    ids[5 * 10] = 7  # window 5 starts with the poison token
+    with pytest.raises(NonFiniteLogitsError, match=r"window 5 \(tokens 50\.\.59\)"):
+        perplexity(ConstantLM(50, poison=7), None, ids, seq_len=10, batch_size=batch_size, progress=False)
+
+
+def test_bad_arguments():
+    model = ConstantLM()
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(model, None, torch.arange(10), seq_len=16, progress=False)
+    with pytest.raises(ValueError, match="seq_len=1"):
+        perplexity(model, None, torch.arange(10), seq_len=1, progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        perplexity(model, None, "raw text needs a tokenizer", seq_len=4, progress=False)
+
+
+def test_text_and_ids_give_the_same_result():
+    from _tiny import tiny_text, tiny_tokenizer
+
+    tok, text = tiny_tokenizer(), tiny_text(200, seed=3)
+    model = make_tiny_model("llama")
+    a = perplexity(model, tok, text, seq_len=50, progress=False)
+    b = perplexity(model, None, torch.tensor(tok(text)["input_ids"]), seq_len=50, progress=False)
+    assert a == b
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _linear_params(cfg) -> int:
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    q = cfg.num_attention_heads * cfg.head_dim
+    qkv_bias = q + 2 * kv if cfg.model_type == "qwen2" else 0  # Qwen2 has biases on q, k, v
+    return cfg.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * i + qkv_bias)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_report_counts_and_measured_kv_cache(arch, dtype):
+    model = make_tiny_model(arch).to(dtype)
+    cfg = model.config
+    report = memory_report(model, tokens=24)
+    assert report.parameters == sum(p.numel() for p in model.parameters())
+    assert report.decoder_linear_parameters == _linear_params(cfg)
+    assert report.weight_bytes == report.parameters * dtype.itemsize
+    # K and V of every layer: layers x 2 x kv_heads x head_dim elements per token
+    expected_kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+    assert report.kv_cache_bytes_per_token == expected_kv
+
+
+def test_tied_embeddings_counted_once():
+    tied = make_tiny_model("llama", tie_word_embeddings=True)
+    untied = make_tiny_model("llama")
+    emb = tied.config.vocab_size * tied.config.hidden_size
+    assert memory_report(untied, tokens=4).parameters - memory_report(tied, tokens=4).parameters == emb
+
+
+def test_factor_pairs_inside_layers_are_counted():
+    model = make_tiny_model("llama")
+    before = memory_report(model, tokens=4).decoder_linear_parameters
+    attn = model.model.layers[0].self_attn
+    out_f, in_f = attn.q_proj.weight.shape
+    factors = nn.Sequential(nn.Linear(in_f, 8, bias=False), nn.Linear(8, out_f, bias=False))
+    factors.in_features, factors.out_features = in_f, out_f  # a drop-in replacement keeps these
+    attn.q_proj = factors
+    after = memory_report(model, tokens=4).decoder_linear_parameters
+    assert before - after == out_f * in_f - 8 * (in_f + out_f)
+
+
+def test_tensor_bytes_walks_objects_and_dedups_storage():
+    base = torch.zeros(10, 4)  # 160 bytes
+
+    class Holder:
+        __slots__ = ("a", "b")
+
+        def __init__(self):
+            self.a, self.b = base[:5], {"again": base, "other": [torch.ones(3, dtype=torch.float64)]}
+
+    holder = SimpleNamespace(x=Holder(), y=(base.t(),), layer=nn.Linear(100, 100), n=torch.tensor(5))
+    assert tensor_bytes(holder) == 160 + 24  # module weights and scalars are not charged
+
+
+# ----------------------------------------------------------------------------- throughput and report
+
+
+def test_throughput_uses_the_cache_one_token_per_step():
+    model = make_tiny_model("llama")
+    lengths = []
+    model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape), with_kwargs=True)
+    result = throughput(model, batch_size=2, prompt_len=9, gen_len=5, warmup=1, repeats=2, progress=False)
+    assert lengths == [(2, 9)] + [(2, 1)] * 5 + ([(2, 9)] + [(2, 1)] * 5) * 2
+    assert result.prefill_tokens_per_s == pytest.approx(2 * 9 / result.prefill_seconds)
+    assert result.decode_tokens_per_s == pytest.approx(2 * 5 / result.decode_seconds)
+    assert result.prefill_seconds > 0 and result.decode_seconds > 0
+    if sys.platform == "linux":
+        assert result.peak_memory_kind == "process_peak_rss" and result.peak_memory_bytes > 0
+    with pytest.raises(ValueError, match="repeats"):
+        throughput(model, repeats=0, progress=False)
+
+
+def test_evaluate_model_report_is_json_ready():
+    model = make_tiny_model("mistral")
+    ids = random_tokens(1, 200, seed=4)[0]
+    report = evaluate_model(model, None, ids, seq_len=32, prompt_len=8, gen_len=3, repeats=1, progress=False)
+    for key in (
+        "perplexity",
+        "tokens_evaluated",
+        "parameters",
+        "kv_cache_bytes_per_token",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    ):
+        assert report[key] is not None and report[key] > 0, key
+    assert report["perplexity"] == pytest.approx(
+        perplexity(model, None, ids, seq_len=32, progress=False).perplexity
+    )
+    json.dumps(report)
+    quick = evaluate_model(model, None, ids, seq_len=32, run_throughput=False, progress=False)
+    assert quick["decode_tokens_per_s"] is None and quick["perplexity"] == report["perplexity"]
+
+
+def test_cli_evaluate_writes_json(tmp_path, capsys):
+    from _tiny import save_tiny_model_dir, tiny_text
+
+    from lowrank.cli import main
+
+    save_tiny_model_dir(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(tiny_text(300), encoding="utf-8")
+    out = tmp_path / "r.json"
+    argv = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(tmp_path / "t.txt"),
+        "--seq-len",
+        "64",
+        "--max-windows",
+        "3",
+        "--gen-len",
+        "2",
+        "--prompt-len",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["windows"] == 3 and report["tokens_evaluated"] == 3 * 63
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["evaluate", "--model", "gpt-17", "--no-throughput"]) == 2
+    assert "built-in models: smollm2-135m" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from lowrank.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.mark.integration
+def test_real_model_perplexity_is_plausible(smollm):
+    from lowrank.data import load_text
+
+    model, tokenizer = smollm
+    wiki = perplexity(model, tokenizer, load_text("wiki", "test"), seq_len=512, max_windows=3, progress=False)
+    assert wiki.tokens_evaluated == 3 * 511
+    assert 8 < wiki.perplexity < 40, wiki
+    plays = load_text("shakespeare", "test")[:20_000]  # a prefix holds the two windows
+    bard = perplexity(model, tokenizer, plays, seq_len=512, max_windows=2, progress=False)
+    assert math.isfinite(bard.perplexity) and bard.perplexity > wiki.perplexity  # out of domain
+
+
+@pytest.mark.integration
+def test_real_model_kv_cache_is_measured(smollm):
+    model, _ = smollm
+    report = memory_report(model, tokens=16)
+    # 30 layers x (K + V) x 3 kv heads x 64 dims x 4 bytes (float32) = 46,080 bytes per token
+    assert report.kv_cache_bytes_per_token == 30 * 2 * 3 * 64 * 4
+    assert report.parameters == 134_515_008  # embeddings tied to the LM head, counted once
