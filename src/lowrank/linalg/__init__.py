@@ -1,0 +1,31 @@
+"""Pure tensor linear algebra (torch only): the SVD engine and its building blocks.
+
+>>> from lowrank.linalg import get_decomposer
+>>> U, S, Vh = get_decomposer("rsvd", oversample=10, power_iters=2)(W, 64)
+"""
+
+from lowrank.linalg._kernels import fallback_counts
+from lowrank.linalg.adaptive import rank_by_tolerance
+from lowrank.linalg.decomposer import (
+    Decomposer,
+    DecomposerConfig,
+    available_decomposers,
+    get_decomposer,
+    register_decomposer,
+)
+from lowrank.linalg.exact import truncated_svd
+from lowrank.linalg.krylov import block_krylov_svd
+from lowrank.linalg.rsvd import randomized_svd
+
+__all__ = [
+    "Decomposer",
+    "DecomposerConfig",
+    "available_decomposers",
+    "block_krylov_svd",
+    "fallback_counts",
+    "get_decomposer",
+    "randomized_svd",
+    "rank_by_tolerance",
+    "register_decomposer",
+    "truncated_svd",
+]
