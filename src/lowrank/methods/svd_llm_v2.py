@@ -1,0 +1,220 @@
+"""SVD-LLM V2: two-round SVD truncation + heterogeneous rank allocation (``method='svd-llm-v2'``).
+
+1. Spectra pass (original model, non-sequential): for every targeted matrix, the squared whitened
+   singular values σ² of W S and ‖W S‖²_F, i.e. its theoretical truncation loss at every rank.
+2. Allocation: within each group of same-type matrices (all q_proj, all down_proj, …) the ranks are
+   redistributed by ``lowrank.linalg.allocation.allocate_ranks`` so the group keeps exactly the
+   homogeneous parameter budget while the (relative) loss drops. Ranks stay within
+   [min_rank_factor, max_rank_factor] × the homogeneous rank and below the break-even rank.
+3. Compression pass: two-round SVD (eigh of G = U_s Λ U_sᵀ, SVD of W U_s √Λ, map back through
+   (√Λ)⁺ U_sᵀ), sequential by default (each layer calibrated on the compressed predecessors).
+
+The spectra come from the unchanged model because every rank must be known before layer 0 is
+compressed; ``sequential=False`` makes both passes share one set of Gram matrices.
+
+References:
+    Wang et al., "SVD-LLM V2: Optimizing singular value truncation for large language model
+    compression", NAACL 2025, §3.1–3.2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lowrank.calibration import Statistic, Timings
+from lowrank.linalg.allocation import ALLOCATION_RULES, allocate_ranks, break_even_rank
+from lowrank.linalg.whitening import whiten, whitened_spectrum
+from lowrank.methods.base import CompressionResult, count_parameters, register_method
+from lowrank.methods.common import (
+    CalibratedConfig,
+    Target,
+    build_result,
+    by_layer,
+    decomposer_for,
+    plan_targets,
+    truncate_layer,
+)
+from lowrank.methods.svd_llm import collect_gram_statistics, log_fallbacks, run_calibrated
+
+__all__ = ["SVDLLMV2Config", "allocate_plan"]
+
+
+@dataclass(kw_only=True)
+class SVDLLMV2Config(CalibratedConfig):
+    """SVD-LLM V2: :class:`CalibratedConfig` plus the allocation fields; truncation defaults to ``eigh``."""
+
+    method: ClassVar[str] = "svd-llm-v2"
+    truncation: str = "eigh"
+    """Route to the loss minimiser; ``eigh`` is the paper's two-round SVD."""
+    allocation: str = "greedy_relative"
+    """Rank allocation rule within each group of same-type matrices (see ``lowrank.linalg.allocation``)."""
+    min_rank_factor: float = 0.25
+    """Lower bound of an allocated rank, as a multiple of the homogeneous rank."""
+    max_rank_factor: float = 2.0
+    """Upper bound of an allocated rank, as a multiple of the homogeneous rank (also < break-even)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ALLOCATION_RULES:
+            raise ValueError(f"allocation must be one of {ALLOCATION_RULES}; got {self.allocation!r}")
+        if not 0.0 <= self.min_rank_factor <= 1.0 <= self.max_rank_factor:
+            raise ValueError(
+                "need 0 <= min_rank_factor <= 1 <= max_rank_factor; "
+                f"got {self.min_rank_factor}, {self.max_rank_factor}"
+            )
+
+
+def _bounds(t: Target, config: SVDLLMV2Config) -> tuple[int, int]:
+    full = min(t.out_features, t.in_features)
+    top = full if config.factorize_all else break_even_rank(t.out_features, t.in_features) - 1
+    hi = max(t.rank, min(top, math.ceil(config.max_rank_factor * t.rank), full))
+    lo = min(t.rank, max(1, math.floor(config.min_rank_factor * t.rank)))
+    return lo, hi
+
+
+def _spectra_process(layered, config: SVDLLMV2Config, decompose, timings: Timings):
+    exact = config.decomposer.to_dict().get("name") == "svd"
+
+    def process(index: int, layer: nn.Module, stats: dict[str, Statistic]) -> dict[str, Any]:
+        entries = {}
+        cache: dict[int, Any] = {}
+        for t in layered.get(index, []):
+            if t.rank is None:
+                continue
+            linear = layer.get_submodule(t.rel)
+            stat = stats[t.rel]
+            if id(stat) not in cache:
+                with timings.measure("whitening"):
+                    cache[id(stat)] = whiten(stat.gram.to(linear.weight.device), "sqrt")
+            k = None if exact else _bounds(t, config)[1]
+            with timings.measure("decomposition"):
+                sigma2, total = whitened_spectrum(
+                    linear.weight, cache[id(stat)], k, decompose=decompose, dtype=config.dtype
+                )
+            entries[t.rel] = {"sigma2": sigma2.cpu().tolist(), "total": total}
+        return {"spectra": entries}
+
+    return process
+
+
+def allocate_plan(
+    plan: list[Target], spectra: dict[str, dict[str, Any]], config: SVDLLMV2Config
+) -> dict[str, Any]:
+    """Set ``t.rank`` of every factorized target from the group allocation; return a per-group summary."""
+    groups: dict[str, list[Target]] = {}
+    for t in plan:
+        if t.rank is not None:
+            groups.setdefault(t.group, []).append(t)
+    summary = {}
+    for group, members in groups.items():
+        bounds = [_bounds(t, config) for t in members]
+        sig = [torch.tensor(spectra[t.name]["sigma2"], dtype=torch.float64) for t in members]
+        totals = [spectra[t.name]["total"] for t in members]
+        homogeneous = [t.rank for t in members]
+        ranks = allocate_ranks(
+            sig,
+            totals,
+            homogeneous,
+            rule=config.allocation,
+            min_rank=[b[0] for b in bounds],
+            max_rank=[b[1] for b in bounds],
+        )
+
+        def loss(ks, sig=sig, totals=totals):
+            return sum(
+                (tot - float(s[:k].sum())) / max(tot, 1e-300)
+                for s, tot, k in zip(sig, totals, ks, strict=True)
+            )
+
+        summary[group] = {
+            "homogeneous_rank": homogeneous[0] if len(set(homogeneous)) == 1 else homogeneous,
+            "min_rank": min(ranks),
+            "max_rank": max(ranks),
+            "relative_loss_homogeneous": loss(homogeneous),
+            "relative_loss_allocated": loss(ranks),
+        }
+        for t, k in zip(members, ranks, strict=True):
+            t.rank = k
+    return summary
+
+
+@register_method(SVDLLMV2Config)
+def compress_svd_llm_v2(
+    model: nn.Module, config: SVDLLMV2Config, *, calibration=None, device=None, checkpoint_dir=None
+) -> CompressionResult:
+    """Handler of ``method='svd-llm-v2'``: spectra pass → allocation → compression pass."""
+    timings = Timings()
+    before = count_parameters(model)
+    plan = plan_targets(model, config)
+    layered = by_layer(plan)
+    decompose = decomposer_for(config)
+    if not config.sequential and isinstance(calibration, torch.Tensor) and calibration.ndim == 2:
+        # one calibration pass serves both the spectra and the compression
+        calibration = collect_gram_statistics(
+            model,
+            calibration,
+            targets=config.targets,
+            ignore=config.ignore,
+            device=device,
+            batch_size=config.batch_size,
+            gram_dtype=config.gram_dtype,
+            offload_device=config.offload_device,
+            timings=timings,
+        )
+    sub = None if checkpoint_dir is None else f"{checkpoint_dir}/spectra"
+    records, _ = run_calibrated(
+        model,
+        config,
+        calibration,
+        plan,
+        _spectra_process(layered, config, decompose, timings),
+        device=device,
+        checkpoint_dir=sub,
+        timings=timings,
+        sequential=False,
+        modifies=False,
+        run_key={"spectra": config.to_dict()},
+        desc="spectra",
+    )
+    spectra = {
+        f"{t.name}": r["spectra"][t.rel]
+        for r in records
+        for t in layered.get(r["layer"], [])
+        if t.rel in r["spectra"]
+    }
+    with timings.measure("other"):
+        allocation = allocate_plan(plan, spectra, config)
+    ranks = {t.name: t.rank for t in plan}
+
+    def process(index: int, layer: nn.Module, stats: dict[str, Statistic]) -> dict[str, Any]:
+        return truncate_layer(layer, layered.get(index, []), stats, config, decompose, timings)
+
+    sub = None if checkpoint_dir is None else f"{checkpoint_dir}/compress"
+    records, tokens = run_calibrated(
+        model,
+        config,
+        calibration,
+        plan,
+        process,
+        device=device,
+        checkpoint_dir=sub,
+        timings=timings,
+        run_key={"compress": config.to_dict(), "ranks": ranks},
+    )
+    result = build_result(
+        model,
+        config,
+        plan,
+        records,
+        parameters_before=before,
+        timings=timings,
+        calibration_tokens=tokens,
+        extra={"allocation": allocation},
+    )
+    log_fallbacks(result)
+    return result

@@ -1,0 +1,25 @@
+"""Drop-in modules that replace dense layers (torch only)."""
+
+from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the module registers itself)
+    LowRankLinear,
+    dense_parameters,
+    factored_parameters,
+    parameters_saved,
+)
+from lowrank.nn.registry import (
+    build_replacement,
+    describe_replacement,
+    register_replacement,
+    replacement_class,
+)
+
+__all__ = [
+    "LowRankLinear",
+    "dense_parameters",
+    "factored_parameters",
+    "parameters_saved",
+    "register_replacement",
+    "replacement_class",
+    "describe_replacement",
+    "build_replacement",
+]
