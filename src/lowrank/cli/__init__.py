@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"lowrank.cli.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand whose module is not part of this build
-            if exc.name != f"lowrank.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"lowrank.cli.{name}").register(sub)
     return parser
 
 
