@@ -12,7 +12,14 @@ import torch
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 from torch import nn
 
-from lowrank.evaluation import NonFiniteLogitsError, memory_report, perplexity, tensor_bytes, throughput
+from lowrank.evaluation import (
+    NonFiniteLogitsError,
+    memory_report,
+    paired_throughput,
+    perplexity,
+    tensor_bytes,
+    throughput,
+)
 from lowrank.evaluation.report import evaluate_model
 
 # ----------------------------------------------------------------------------- perplexity
@@ -166,6 +173,27 @@ def test_throughput_uses_the_cache_one_token_per_step():
         assert result.peak_memory_kind == "process_peak_rss" and result.peak_memory_bytes > 0
     with pytest.raises(ValueError, match="repeats"):
         throughput(model, repeats=0, progress=False)
+
+
+def test_paired_throughput_interleaves_the_models_runs():
+    order = []
+    models = {}
+    for name in ("a", "b"):
+        model = make_tiny_model("llama")
+        model.register_forward_pre_hook(
+            lambda m, a, kw, name=name: order.append(name) if kw["input_ids"].shape[1] > 1 else None,
+            with_kwargs=True,
+        )
+        models[name] = model
+    result = paired_throughput(models, repeats=3, prompt_len=7, gen_len=2, progress=False)
+    # one warm-up prefill each, then rounds A B, A B, A B
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert set(result) == {"a", "b"}
+    for r in result.values():
+        assert r.repeats == 3 and r.prompt_len == 7 and r.gen_len == 2
+        assert r.prefill_tokens_per_s == pytest.approx(7 / r.prefill_seconds)
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        paired_throughput(models, repeats=0)
 
 
 def test_evaluate_model_report_is_json_ready():

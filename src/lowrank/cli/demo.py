@@ -65,8 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=32,
         help="perplexity windows evaluated before and after (default: 32; 0 = the whole split)",
     )
+    p.add_argument("--prompt-len", type=int, default=128, help="throughput: prompt tokens (default: 128)")
+    p.add_argument("--gen-len", type=int, default=64, help="throughput: decoded tokens (default: 64)")
     p.add_argument(
-        "--repeats", type=int, default=3, help="throughput: timed runs, median reported (default: 3)"
+        "--repeats",
+        type=int,
+        default=3,
+        help="throughput: rounds, each timing the original and the compressed model once; medians "
+        "reported (default: 3)",
     )
     p.add_argument(
         "--out",
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     import lowrank
     from lowrank.cli.compress import summary_table
     from lowrank.data import tokenize
+    from lowrank.evaluation import paired_throughput
     from lowrank.evaluation.report import evaluate_model
     from lowrank.io import write_json
     from lowrank.methods import CalibratedConfig, compress
@@ -141,14 +148,14 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)  # validate every flag before the slow steps
     device = resolve_device(args.device)
     max_windows = args.max_windows or None
-    eval_kwargs = dict(seq_len=args.seq_len, max_windows=max_windows, repeats=args.repeats)
+    eval_kwargs = dict(seq_len=args.seq_len, max_windows=max_windows)
 
     model, tokenizer = lowrank.load_model(args.model, device=device)
     eval_ids = tokenize(tokenizer, lowrank.load_text(args.data, "test"))
-    print(f"[1/4] evaluating the original {args.model} on {args.data}/test")
-    before = evaluate_model(model, tokenizer, eval_ids, **eval_kwargs)
+    print(f"[1/5] perplexity and memory of the original {args.model} on {args.data}/test")
+    before = evaluate_model(model, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)
 
-    print(f"[2/4] compressing with {args.method} + {args.decomposer}, ratio {args.ratio} removed")
+    print(f"[2/5] compressing with {args.method} + {args.decomposer}, ratio {args.ratio} removed")
     calibration = None
     if isinstance(config, CalibratedConfig):
         text = lowrank.load_text(config.calib_data, "calibration")
@@ -160,20 +167,27 @@ def run(args: argparse.Namespace) -> int:
     compress_seconds = time.perf_counter() - start
     print(summary_table(result))
 
-    print(f"[3/4] saving to {args.out} and loading it back")
+    print(f"[3/5] saving to {args.out} and loading it back")
     save_compressed(model, args.out, tokenizer=tokenizer, result=result)
     del model
-    reloaded, _ = lowrank.load_model(args.out, device=device)
+    compressed, _ = lowrank.load_model(args.out, device=device)
 
-    print("[4/4] evaluating the reloaded compressed model on the same windows")
-    after = evaluate_model(reloaded, tokenizer, eval_ids, **eval_kwargs)
+    print("[4/5] perplexity and memory of the reloaded compressed model on the same windows")
+    after = evaluate_model(compressed, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)
 
-    fmt = {
-        "data": args.data,
-        "windows": before["windows"],
-        "seq_len": args.seq_len,
-        **before.get("throughput_workload", {"prompt_len": "?", "gen_len": "?"}),
-    }
+    print("[5/5] throughput of both models, runs interleaved")
+    original, _ = lowrank.load_model(args.model, device=device)
+    workload = {"prompt_len": args.prompt_len, "gen_len": args.gen_len}
+    speed = paired_throughput({"before": original, "after": compressed}, repeats=args.repeats, **workload)
+    for report, key in ((before, "before"), (after, "after")):
+        tp = speed[key]
+        report.update(
+            prefill_tokens_per_s=tp.prefill_tokens_per_s,
+            decode_tokens_per_s=tp.decode_tokens_per_s,
+            throughput_workload={"batch_size": 1, "repeats": args.repeats, "interleaved": True, **workload},
+        )
+
+    fmt = {"data": args.data, "windows": before["windows"], "seq_len": args.seq_len, **workload}
     rows = comparison_rows(before, after, fmt)
     rows.append(("compression time (s)", "-", round(compress_seconds, 1), "-"))
     print(

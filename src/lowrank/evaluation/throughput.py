@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["ThroughputResult", "throughput"]
+__all__ = ["ThroughputResult", "throughput", "paired_throughput"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +154,56 @@ def throughput(
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
     )
+
+
+def paired_throughput(
+    models: dict[str, torch.nn.Module],
+    *,
+    repeats: int = 3,
+    progress: bool = True,
+    **workload,
+) -> dict[str, ThroughputResult]:
+    """:func:`throughput` of several models with their timed runs interleaved (A B A B …).
+
+    On a shared or thermally throttled machine the speed drifts over minutes; measuring the models one
+    after the other turns that drift into a fake speed-up. Interleaving single runs exposes every model to
+    the same conditions, so the ratio between them stays meaningful even when absolute numbers are not.
+
+    Args:
+        models: name → causal LM (each already on its device).
+        repeats: rounds; every model runs once per round after one warm-up run each.
+        progress: show a progress bar over the rounds.
+        **workload: ``batch_size``, ``prompt_len``, ``gen_len``, ``device``, ``seed`` of :func:`throughput`.
+
+    Returns:
+        name → :class:`ThroughputResult` with the median prefill and decode speeds over the rounds and the
+        largest peak memory seen.
+    """
+    if repeats < 1 or not models:
+        raise ValueError(f"need at least one model and repeats >= 1; got {len(models)} model(s), {repeats}")
+    for model in models.values():
+        throughput(model, warmup=0, repeats=1, progress=False, **workload)
+    runs: dict[str, list[ThroughputResult]] = {name: [] for name in models}
+    for _ in tqdm(range(repeats), desc="throughput (interleaved)", unit="round", disable=not progress):
+        for name, model in models.items():
+            runs[name].append(throughput(model, warmup=0, repeats=1, progress=False, **workload))
+    out = {}
+    for name, results in runs.items():
+        prefill = statistics.median(r.prefill_seconds for r in results)
+        decode = statistics.median(r.decode_seconds for r in results)
+        first = results[0]
+        peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
+        out[name] = ThroughputResult(
+            prefill_tokens_per_s=first.batch_size * first.prompt_len / prefill,
+            decode_tokens_per_s=first.batch_size * first.gen_len / decode,
+            prefill_seconds=prefill,
+            decode_seconds=decode,
+            batch_size=first.batch_size,
+            prompt_len=first.prompt_len,
+            gen_len=first.gen_len,
+            repeats=repeats,
+            device=first.device,
+            peak_memory_bytes=max(peaks) if peaks else None,
+            peak_memory_kind=first.peak_memory_kind if peaks else None,
+        )
+    return out
