@@ -101,6 +101,18 @@ def test_log_inverse_compresses_low_loss_matrices_more():
     assert sum(ranks) == 16 and ranks[0] > ranks[1]
 
 
+def test_uniform_rule_keeps_the_homogeneous_ranks():
+    spectra = _spectra(count=3, n=12)
+    totals = [float(s.sum()) for s in spectra]
+    assert allocate_ranks(spectra, totals, [4, 6, 5], rule="uniform", min_rank=2, max_rank=10) == [4, 6, 5]
+
+
+def test_cli_offers_every_rule():
+    from lowrank.cli.compress import ALLOCATIONS
+
+    assert set(ALLOCATIONS) == set(ALLOCATION_RULES)
+
+
 def test_bad_rule_and_infeasible_budget():
     spectra = _spectra(count=2)
     with pytest.raises(ValueError, match="'paper'"):

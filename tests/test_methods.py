@@ -97,16 +97,27 @@ def test_whitening_beats_plain_svd_on_calibration_loss():
 def test_v2_keeps_each_group_budget_and_lowers_predicted_loss():
     ids = _calibration()
     v1 = compress(make_tiny_model("gemma2"), SVDLLMConfig(ratio=0.3), calibration=ids)
-    v2 = compress(make_tiny_model("gemma2"), SVDLLMV2Config(ratio=0.3), calibration=ids)
+    v2_config = SVDLLMV2Config(ratio=0.3, allocation="greedy_relative")
+    v2 = compress(make_tiny_model("gemma2"), v2_config, calibration=ids)
     assert v2.linear_parameters_after == v1.linear_parameters_after
     for kind in ("q", "k", "v", "o", "gate", "up", "down"):
         ranks = [e["rank"] for e in v2.modules.values() if e["kind"] == kind]
         homogeneous = [e["rank"] for e in v1.modules.values() if e["kind"] == kind]
         assert sum(ranks) == sum(homogeneous)
     groups = v2.extra["allocation"]
+    assert set(groups) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert all(
         g["relative_loss_allocated"] <= g["relative_loss_homogeneous"] + 1e-12 for g in groups.values()
     )
+
+
+def test_v2_uniform_allocation_is_svd_llm_through_the_two_round_route():
+    ids, test = _calibration(), random_tokens(2, 16, seed=9)
+    v1_model, v2_model = make_tiny_model("llama"), make_tiny_model("llama")
+    v1 = compress(v1_model, SVDLLMConfig(ratio=0.3, truncation="eigh"), calibration=ids)
+    v2 = compress(v2_model, SVDLLMV2Config(ratio=0.3, allocation="uniform"), calibration=ids)
+    assert v2.ranks == v1.ranks and v2.extra["allocation"] == {}
+    torch.testing.assert_close(_logits(v2_model, test), _logits(v1_model, test), rtol=1e-6, atol=1e-6)
 
 
 def test_precomputed_statistics_equal_a_non_sequential_run():

@@ -17,6 +17,8 @@ from lowrank.cli._common import add_device_argument, format_table
 __all__ = ["register", "run", "summary_table"]
 
 METHODS = ("svd", "svd-llm", "svd-llm-v2")
+ALLOCATIONS = ("greedy", "greedy_relative", "greedy_anchored", "log_inverse", "uniform")
+"""``lowrank.linalg.allocation.ALLOCATION_RULES``, spelled out so building the parser imports no torch."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--allocation",
-        choices=("greedy", "greedy_relative", "log_inverse"),
-        help="svd-llm-v2 rank allocation rule (default greedy_relative)",
+        choices=ALLOCATIONS,
+        help="svd-llm-v2 rank allocation rule within each group of same-type matrices (default uniform: "
+        "homogeneous ranks, no reallocation; see docs/compression.md for the measured comparison)",
     )
     p.add_argument(
         "--gram-dtype", choices=("float64", "float32"), help="Gram accumulation dtype (default float64)"

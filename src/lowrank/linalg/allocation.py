@@ -22,6 +22,8 @@ equal to the homogeneous one. The truncation loss of matrix i at rank k is
   the homogeneous rank. Unlike ‖W S‖²_F, this reference is not dominated by one massive activation
   direction (a few down projections carry outlier features whose energy dwarfs everything else, which
   makes ``greedy_relative`` see their other directions as free to cut).
+* ``uniform``: no reallocation; every matrix keeps its homogeneous rank (V2's truncation with SVD-LLM's
+  uniform ratios; the reference the other rules are measured against).
 * ``log_inverse``: our reading of the paper's rule: compute each matrix's relative loss ℓ̂_i at the
   homogeneous rank and remove parameters in proportion to −log ℓ̂_i (low loss → compressed more),
   then repair rounding and the rank bounds greedily so the budget is met exactly.
@@ -48,7 +50,7 @@ __all__ = [
     "allocate_ranks",
 ]
 
-ALLOCATION_RULES = ("greedy", "greedy_relative", "greedy_anchored", "log_inverse")
+ALLOCATION_RULES = ("greedy", "greedy_relative", "greedy_anchored", "log_inverse", "uniform")
 
 
 def _check_shape(m: int, n: int) -> None:
@@ -151,6 +153,8 @@ def allocate_ranks(
     budget = int(sum(homogeneous))
     if not sum(lo) <= budget <= sum(hi):
         raise ValueError(f"rank budget {budget} outside the bounds [{sum(lo)}, {sum(hi)}] of the group")
+    if rule == "uniform":
+        return [int(k) for k in homogeneous]
     if rule == "greedy":
         return _greedy(list(spectra), lo, hi, budget - sum(lo))
     relative = [s.to(torch.float64) / max(t, 1e-300) for s, t in zip(spectra, totals, strict=True)]

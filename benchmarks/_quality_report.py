@@ -1,0 +1,476 @@
+"""Tables, quality targets and figures of ``compress_quality.py`` (kept apart from the measuring loop)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+RATIO_NOTE = (
+    "`ratio` = fraction of the targeted decoder linear-layer parameters REMOVED (SVD-LLM convention); "
+    "`r` = keep_singular_fraction = fraction of singular values KEPT (the rSVD paper's r); "
+    "'params kept' = whole-model parameters after / before (embeddings included)."
+)
+MUCH_WORSE = 10.0
+"""'svd-llm ≪ svd' is read as: plain SVD's perplexity at least this many times SVD-LLM's."""
+RSVD_TOLERANCE = 0.02
+TIE = 1e-3
+"""'svd-llm-v2 < svd-llm' needs a relative margin above this (equal computations differ by ~1e-7)."""
+
+_RSVD_NOTE = (
+    "rSVD's excess error is governed by the spectral gap (σ_{k+p+1}/σ_k)^{2q+1}; the whitened weights W·S "
+    "of this model have flat spectra around the kept rank, which at ratio 0.2 is a large fraction of "
+    "min(m, n) (230/576 for q/o, 115/192 for k/v, 335/576 for the MLPs), so p = 20, q = 4 leave a visible "
+    "part of the discarded energy in the kept subspace; and at 20 % removed perplexity is already ~4× the "
+    "original, on the steep part of its curve, which amplifies a small excess of output loss."
+)
+FAIL_NOTES: dict[str, str] = {
+    "ordering": (
+        "the grid's svd-llm-v2 uses the allocation study's best rule, `uniform` (every reallocating rule was "
+        "worse at 40 % removed, see the allocation table): it then computes the same truncation as svd-llm "
+        "through the eigh route instead of Cholesky, identical on these positive definite Grams, so with "
+        "exact SVD its perplexity equals svd-llm's rather than being lower, and with rSVD the two differ "
+        "only through the randomized sketch. The per-matrix whitened truncation loss that V2 reallocates "
+        "by does not predict perplexity on this 135M model."
+    ),
+    "rsvd20_4_svd-llm": _RSVD_NOTE,
+    "rsvd20_4_svd-llm-v2": _RSVD_NOTE,
+}
+"""Reasons found for failing targets (from the analysis of the committed run; printed only on a FAIL)."""
+
+
+def _rows(p: dict[str, Any], group: str) -> list[dict[str, Any]]:
+    return [c for c in p["configs"].values() if c.get("group") == group]
+
+
+def _ppl(c: dict[str, Any], corpus: str = "wiki") -> float:
+    return c["perplexity"][corpus]["perplexity"]
+
+
+def _find(p, group, method, dec, *, ratio=None, keep=None):
+    for c in _rows(p, group):
+        if (c["method"], c["decomposer_label"], c["ratio"], c["keep_singular_fraction"]) == (
+            method,
+            dec,
+            ratio,
+            keep,
+        ):
+            return c
+    return None
+
+
+def targets(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check the issue's quality targets on the wiki perplexities of the grid."""
+    out = []
+    grid = _rows(p, "grid")
+    ratios = sorted({c["ratio"] for c in grid})
+    decs = sorted({c["decomposer_label"] for c in grid})
+    cells, failed = [], []
+    for dec in decs:
+        for ratio in ratios:
+            got = {m: _find(p, "grid", m, dec, ratio=ratio) for m in ("svd", "svd-llm", "svd-llm-v2")}
+            if any(v is None for v in got.values()):
+                continue
+            v2, v1, plain = (_ppl(got[m]) for m in ("svd-llm-v2", "svd-llm", "svd"))
+            ok = v2 < (1.0 - TIE) * v1 and plain >= MUCH_WORSE * v1
+            cell = {
+                "decomposer": dec,
+                "ratio": ratio,
+                "svd-llm-v2": v2,
+                "svd-llm": v1,
+                "svd": plain,
+                "ok": ok,
+            }
+            cells.append(cell)
+            if not ok:
+                failed.append(cell)
+    if cells:
+        out.append(
+            {
+                "name": "ordering",
+                "text": f"wiki ppl: svd-llm-v2 < svd-llm by > {TIE:.1%} and svd >= {MUCH_WORSE:g} x svd-llm, "
+                "every ratio and decomposer",
+                "status": "PASS" if not failed else "FAIL",
+                "cells": cells,
+                "failed": failed,
+            }
+        )
+    for method in ("svd-llm", "svd-llm-v2"):  # plain SVD's perplexity (~1e6) makes a 2 % test meaningless
+        exact = _find(p, "grid", method, "svd", ratio=0.2)
+        fast = _find(p, "grid", method, "rsvd(20,4)", ratio=0.2)
+        if exact is None or fast is None:
+            continue
+        rel = _ppl(fast) / _ppl(exact) - 1.0
+        out.append(
+            {
+                "name": f"rsvd20_4_{method}",
+                "text": f"{method}: rSVD(20,4) wiki ppl within {RSVD_TOLERANCE:.0%} of exact SVD "
+                "at ratio 0.2",
+                "status": "PASS" if rel <= RSVD_TOLERANCE else "FAIL",
+                "exact": _ppl(exact),
+                "rsvd": _ppl(fast),
+                "relative_gap": rel,
+            }
+        )
+    return out
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3g}"
+
+
+def _config_table(p: dict[str, Any], group: str, x_name: str) -> str:
+    from lowrank.cli._common import format_table
+
+    orig = p["configs"]["original"]["perplexity"]
+    rows = []
+    for c in _rows(p, group):
+        x = c["ratio"] if c["ratio"] is not None else c["keep_singular_fraction"]
+        rows.append(
+            (
+                c["method"],
+                c["decomposer_label"],
+                c.get("allocation") or "–",
+                c["calibration"],
+                x,
+                round(c["ratio_params_removed"], 4),
+                round(c["keep_singular_fraction_achieved"], 4),
+                round(c["parameters_retained"], 4),
+                c["dense_kept"],
+                _fmt(_ppl(c)),
+                f"{_ppl(c) / orig['wiki']['perplexity']:.3g}",
+                _fmt(_ppl(c, "shakespeare")),
+                f"{_ppl(c, 'shakespeare') / orig['shakespeare']['perplexity']:.3g}",
+                round(c["time_total_s"], 2),
+                round(c["time_decomposition_s"], 2),
+                c["fallbacks"] + sum(c["decomposer_fallbacks"].values()),
+            )
+        )
+    headers = (
+        "method",
+        "decomposer",
+        "allocation",
+        "calibration",
+        f"{x_name} (target)",
+        "ratio removed",
+        "r achieved",
+        "params kept",
+        "dense-kept",
+        "wiki ppl",
+        "× orig",
+        "shakespeare ppl",
+        "× orig",
+        "compress s",
+        "decomp s",
+        "fallbacks",
+    )
+    return format_table(rows, headers)
+
+
+def _speed_table(p: dict[str, Any]) -> str:
+    from lowrank.cli._common import format_table
+
+    cfg = p["configs"]
+    base = [cfg[k]["throughput"] for k in ("original", "original_end") if "throughput" in cfg.get(k, {})]
+    if not base:
+        return "(throughput not measured)"
+    pre0 = sum(b["prefill_tokens_per_s"] for b in base) / len(base)
+    dec0 = sum(b["decode_tokens_per_s"] for b in base) / len(base)
+    rows = [
+        (
+            "original (start)" if i == 0 else "original (end)",
+            "–",
+            1.0,
+            b["prefill_tokens_per_s"],
+            "–",
+            b["decode_tokens_per_s"],
+            "–",
+        )
+        for i, b in enumerate(base)
+    ]
+    for c in _rows(p, "grid"):
+        if "throughput" not in c:
+            continue
+        t = c["throughput"]
+        rows.append(
+            (
+                f"{c['method']} {c['decomposer_label']}",
+                c["ratio"],
+                round(c["parameters_retained"], 4),
+                t["prefill_tokens_per_s"],
+                f"{t['prefill_tokens_per_s'] / pre0:.3f}",
+                t["decode_tokens_per_s"],
+                f"{t['decode_tokens_per_s'] / dec0:.3f}",
+            )
+        )
+    headers = ("model", "ratio", "params kept", "prefill tok/s", "× orig", "decode tok/s", "× orig")
+    return format_table(rows, headers)
+
+
+def _targets_text(p: dict[str, Any]) -> str:
+    lines = []
+    for t in p["targets"]:
+        if t["name"] == "ordering":
+            lines.append(
+                f"* **{t['status']}** — {t['text']}: "
+                f"{len(t['cells']) - len(t['failed'])}/{len(t['cells'])} cells hold."
+            )
+            for c in t["failed"]:
+                lines.append(
+                    f"  * fails at ratio {c['ratio']}, {c['decomposer']}: "
+                    f"svd-llm-v2 {_fmt(c['svd-llm-v2'])}, svd-llm {_fmt(c['svd-llm'])}, svd {_fmt(c['svd'])}"
+                )
+        else:
+            lines.append(
+                f"* **{t['status']}** — {t['text']}: exact {_fmt(t['exact'])}, rSVD(20,4) {_fmt(t['rsvd'])} "
+                f"({t['relative_gap']:+.2%})."
+            )
+        if t["status"] == "FAIL" and t["name"] in FAIL_NOTES:
+            lines.append(f"  * reason: {FAIL_NOTES[t['name']]}")
+    return "\n".join(lines)
+
+
+def markdown(p: dict[str, Any]) -> str:
+    """The results page: settings, conventions, one table per study, the targets."""
+    s, env, cfg = p["settings"], p["env"], p["configs"]
+    orig = cfg["original"]["perplexity"]
+    load = p["load_average_1min"]
+    head = (
+        f"Model {s['model']}; calibration: {s['calib_samples']} × {s['calib_seq_len']} wiki "
+        f"`calibration` tokens ({p['calibration_tokens']:,}), seed {s['seed']}; Grams collected once on "
+        "the unchanged model and shared by every non-sequential row "
+        f"({p['gram_collection_seconds'] or 'not re-collected'} s this invocation). Evaluation: the "
+        f"first {s['windows']} wiki "
+        f"`test` windows and the first {s['windows_shakespeare']} shakespeare `test` windows of "
+        f"{s['eval_seq_len']} tokens (non-overlapping, every predicted token counted). Original model: "
+        f"wiki {orig['wiki']['perplexity']:.4f}, shakespeare {orig['shakespeare']['perplexity']:.4f} on "
+        f"the same windows. {env['device_name']}, torch {env['torch']}, transformers "
+        f"{env['transformers']}, git {env['git_sha']}; 1-min load average {load['start']} → "
+        f"{load['end']} (the machine was shared: times and speeds are indicative)."
+    )
+    parts = [
+        "# Compression quality on the built-in model (CPU)",
+        head,
+        "Conventions (every table): " + RATIO_NOTE,
+        *(["Notes on this run:\n\n" + "\n".join(f"* {n}" for n in p["notes"])] if p.get("notes") else []),
+        *([_missing_text(p)] if p.get("missing") else []),
+        "## Targets",
+        _targets_text(p),
+        f"## Methods × decomposers × ratio removed ({s['windows']} wiki / "
+        f"{s['windows_shakespeare']} shakespeare windows of {s['eval_seq_len']} tokens)",
+        "Conventions: " + RATIO_NOTE,
+        f"svd-llm-v2 rows use allocation `{p.get('v2_allocation_grid')}` (the allocation study's best, "
+        "see below; exact-SVD rows at the study's ratios are the study's own measurements).",
+        _config_table(p, "grid", "ratio"),
+        "## The rSVD paper's r sweep: SVD-LLM with exact SVD vs rSVD (seed §5 compares these)",
+        "Conventions: "
+        + RATIO_NOTE
+        + " A matrix whose factors would not be smaller stays dense ('dense-kept', of "
+        "210): at r ≥ 0.5 every square attention matrix is kept dense, so parameters barely drop.",
+        _config_table(p, "r_sweep", "r"),
+    ]
+    if _rows(p, "allocation"):
+        parts += [
+            "## SVD-LLM V2 allocation rules (exact SVD, non-sequential, shared Grams)",
+            "Conventions: " + RATIO_NOTE + " Σ relative loss: Σ over groups and matrices of "
+            "ℓ_i(k_i)/‖W_i S_i‖²_F at the homogeneous and the allocated ranks.",
+            _allocation_table(p),
+        ]
+    if _rows(p, "sequential"):
+        parts += [
+            "## Sequential spot checks (each layer calibrated on its compressed predecessors)",
+            "Conventions: " + RATIO_NOTE,
+            _sequential_table(p),
+        ]
+    parts += [
+        "## CPU throughput (batch 1, prompt 128, 32 decoded tokens, median of timed runs)",
+        "Conventions: " + RATIO_NOTE + " × orig uses the mean of the original's start and end runs.",
+        _speed_table(p),
+    ]
+    if p.get("figures"):
+        parts += ["## Figures", "\n".join(f"* `{f}`" for f in p["figures"])]
+    return "\n\n".join(parts) + "\n"
+
+
+def _allocation_table(p: dict[str, Any]) -> str:
+    from lowrank.cli._common import format_table
+
+    rows = []
+    for c in _rows(p, "allocation"):
+        rows.append(
+            (
+                c["allocation"],
+                c["ratio"],
+                round(c["ratio_params_removed"], 4),
+                _fmt(c["relative_loss_homogeneous"]) if c["allocation"] != "uniform" else "–",
+                _fmt(c["relative_loss_allocated"]) if c["allocation"] != "uniform" else "–",
+                _fmt(_ppl(c)),
+                _fmt(_ppl(c, "shakespeare")),
+            )
+        )
+    rows.sort(key=lambda r: (r[1], r[0]))
+    headers = (
+        "rule",
+        "ratio",
+        "ratio removed",
+        "Σ rel. loss homog.",
+        "Σ rel. loss alloc.",
+        "wiki ppl",
+        "shakespeare ppl",
+    )
+    return format_table(rows, headers)
+
+
+def _sequential_table(p: dict[str, Any]) -> str:
+    from lowrank.cli._common import format_table
+
+    rows = []
+    for c in _rows(p, "sequential"):
+        twin = _find(p, "grid", c["method"], c["decomposer_label"], ratio=c["ratio"])
+        for label, r in (("non-sequential", twin), ("sequential", c)):
+            if r is not None:
+                rows.append(
+                    (
+                        c["method"],
+                        c["decomposer_label"],
+                        c["ratio"],
+                        label,
+                        _fmt(_ppl(r)),
+                        _fmt(_ppl(r, "shakespeare")),
+                        round(r["time_total_s"], 1),
+                    )
+                )
+    return format_table(
+        rows, ("method", "decomposer", "ratio", "calibration", "wiki ppl", "shakespeare ppl", "compress s")
+    )
+
+
+def _series(p, group, method, dec, key):
+    pts = []
+    for c in _rows(p, group):
+        if c["method"] == method and c["decomposer_label"] == dec:
+            x = c["ratio"] if c["ratio"] is not None else c["keep_singular_fraction"]
+            pts.append((x, key(c)))
+    return sorted(pts)
+
+
+def _lines(ax, p, group, key, methods, decs) -> None:
+    styles = {"svd": "-", "rsvd(10,2)": "--", "rsvd(20,4)": ":"}
+    colours = {"svd": "tab:red", "svd-llm": "tab:blue", "svd-llm-v2": "tab:green"}
+    for method in methods:
+        for dec in decs:
+            pts = _series(p, group, method, dec, key)
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    styles.get(dec, "-"),
+                    marker="o",
+                    ms=3,
+                    color=colours[method],
+                    label=f"{method} {dec}",
+                )
+
+
+def figures(p: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
+    """The seed paper's four figures (plus the ratio-removed grid); returns the file names written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    grid_methods = sorted({c["method"] for c in _rows(p, "grid")})
+    decs = [
+        d
+        for d in ("svd", "rsvd(10,2)", "rsvd(20,4)")
+        if any(c["decomposer_label"] == d for c in p["configs"].values() if "decomposer_label" in c)
+    ]
+    orig = p["configs"]["original"]["perplexity"]
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{stem}_{name}.png", dpi=120)
+        plt.close(fig)
+        written.append(f"{stem}_{name}.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, group, xlabel in (
+        (axes[0], "grid", "ratio (fraction of linear parameters removed)"),
+        (axes[1], "r_sweep", "r (fraction of singular values kept)"),
+    ):
+        _lines(ax, p, group, lambda c: c["parameters_retained"], ["svd-llm"], ["svd"])
+        _lines(ax, p, group, lambda c: c["linear_parameters_retained"], ["svd-llm-v2"], ["svd"])
+        ax.set(xlabel=xlabel, ylabel="fraction retained", title="parameters retained")
+        ax.legend(["whole model", "targeted linear layers"], fontsize=8)
+    save(fig, "params")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, group, xlabel in ((axes[0], "grid", "ratio removed"), (axes[1], "r_sweep", "r kept")):
+        methods = ["svd-llm", "svd-llm-v2", "svd"] if group == "grid" else ["svd-llm"]
+        _lines(
+            ax,
+            p,
+            group,
+            lambda c: c["time_total_s"],
+            [m for m in methods if m in grid_methods or group != "grid"],
+            decs,
+        )
+        ax.set(
+            xlabel=xlabel,
+            ylabel="seconds (non-sequential, shared Grams)",
+            title="compression time: SVD vs rSVD",
+        )
+        ax.legend(fontsize=7)
+    save(fig, "time")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    base = [
+        p["configs"][k]["throughput"]
+        for k in ("original", "original_end")
+        if "throughput" in p["configs"].get(k, {})
+    ]
+    for ax, key in ((axes[0], "prefill_tokens_per_s"), (axes[1], "decode_tokens_per_s")):
+        pts = sorted((c["ratio"], c["throughput"][key]) for c in _rows(p, "grid") if "throughput" in c)
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, "o-", color="tab:green", label="svd-llm-v2 svd")
+        for b in base:
+            ax.axhline(b[key], color="k", lw=0.8, ls="--")
+        ax.set(xlabel="ratio removed", ylabel="tokens/s (CPU, batch 1)", title=key.replace("_", " "))
+        ax.legend(["compressed", "original (start/end)"], fontsize=8)
+    save(fig, "throughput")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (
+        (axes[0], "grid", "wiki", "ratio removed"),
+        (axes[1], "grid", "shakespeare", "ratio removed"),
+        (axes[2], "r_sweep", "wiki", "r kept"),
+    )
+    for ax, group, corpus, xlabel in panels:
+        _lines(
+            ax,
+            p,
+            group,
+            lambda c, corpus=corpus: _ppl(c, corpus),
+            grid_methods if group == "grid" else ["svd-llm"],
+            decs,
+        )
+        ax.axhline(orig[corpus]["perplexity"], color="k", lw=0.8, ls="--", label="original")
+        ax.set(xlabel=xlabel, ylabel=f"{corpus} perplexity (log)", yscale="log", title=f"{corpus} perplexity")
+        ax.legend(fontsize=6)
+    save(fig, "perplexity")
+    return written
+
+
+def _missing_text(p: dict[str, Any]) -> str:
+    keys = p["missing"]
+    return (
+        f"**Incomplete sweep: {len(keys)} planned configuration(s) were not measured** (rerun the same "
+        "command with `--resume` to add them): " + ", ".join(f"`{k}`" for k in keys)
+    )
