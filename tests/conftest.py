@@ -8,6 +8,17 @@ import torch
 #: Families the toolkit supports through the Llama-shaped ArchSpec; every table-driven test covers them.
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
 
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on tiny matrices, with other processes on the machine, LAPACK's
+    thread hand-offs cost 100x the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _TINY = dict(
     num_hidden_layers=2,
     hidden_size=64,

@@ -34,13 +34,7 @@ LINEARS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: with other processes on the machine, LAPACK's thread hand-offs cost 100× the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grams(index, layer):

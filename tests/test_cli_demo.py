@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from _tiny import save_tiny_model_dir, tiny_text
 
 from lowrank.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: LAPACK's thread hand-offs would cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

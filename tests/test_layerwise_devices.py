@@ -9,13 +9,7 @@ from conftest import make_tiny_model, random_tokens
 from lowrank.methods import SVDLLMConfig, compress
 from lowrank.nn import LowRankLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model, ids):

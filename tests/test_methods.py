@@ -22,13 +22,7 @@ CONFIGS = {"svd": SVDConfig, "svd-llm": SVDLLMConfig, "svd-llm-v2": SVDLLMV2Conf
 CALIB = dict(samples=16, seq=48)  # 768 tokens ≥ 4 × the largest input dimension (160)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: with other processes on the machine, LAPACK's thread hand-offs cost 100× the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(seed=0):

@@ -13,14 +13,7 @@ from lowrank.methods import SVDConfig, SVDLLMV2Config, compress
 from lowrank.nn import LowRankLinear
 from lowrank.serialization import MANIFEST, load_compressed, save_compressed
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: with other processes on the machine, LAPACK's thread hand-offs cost 100× the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model, ids):
