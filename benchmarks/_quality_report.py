@@ -237,11 +237,13 @@ def markdown(p: dict[str, Any]) -> str:
     s, env, cfg = p["settings"], p["env"], p["configs"]
     orig = cfg["original"]["perplexity"]
     load = p["load_average_1min"]
+    gram_s = p["gram_collection_seconds"]
+    gram_note = f"collected in {gram_s} s" if gram_s else "collection time not recorded by the last run"
     head = (
         f"Model {s['model']}; calibration: {s['calib_samples']} × {s['calib_seq_len']} wiki "
         f"`calibration` tokens ({p['calibration_tokens']:,}), seed {s['seed']}; Grams collected once on "
         "the unchanged model and shared by every non-sequential row "
-        f"({p['gram_collection_seconds'] or 'not re-collected'} s this invocation). Evaluation: the "
+        f"({gram_note}). Evaluation: the "
         f"first {s['windows']} wiki "
         f"`test` windows and the first {s['windows_shakespeare']} shakespeare `test` windows of "
         f"{s['eval_seq_len']} tokens (non-overlapping, every predicted token counted). Original model: "
