@@ -150,12 +150,12 @@ def test_resume_through_compress_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(layer, targets, *args)
 
-    monkeypatch.setattr("lowrank.methods.svd_llm_v2.truncate_layer", fail_on_layer_1)
+    monkeypatch.setattr("lowrank.methods.svd_llm.truncate_layer", fail_on_layer_1)
     with pytest.raises(KeyboardInterrupt):
         compress(
             make_tiny_model("mistral"), SVDLLMV2Config(ratio=0.25), calibration=ids, checkpoint_dir=tmp_path
         )
-    monkeypatch.setattr("lowrank.methods.svd_llm_v2.truncate_layer", original)
+    monkeypatch.setattr("lowrank.methods.svd_llm.truncate_layer", original)
     resumed = make_tiny_model("mistral")
     result = compress(resumed, SVDLLMV2Config(ratio=0.25), calibration=ids, checkpoint_dir=tmp_path)
     assert torch.equal(_logits(resumed, test), _logits(reference, test))

@@ -171,14 +171,20 @@ def log_fallbacks(result: CompressionResult) -> None:
         )
 
 
-@register_method(SVDLLMConfig)
-def compress_svd_llm(
-    model: nn.Module, config: SVDLLMConfig, *, calibration=None, device=None, checkpoint_dir=None
+def truncation_pass(
+    model: nn.Module,
+    config: CalibratedConfig,
+    calibration: Any,
+    plan: list[Target],
+    *,
+    parameters_before: int,
+    device: torch.device | str | None,
+    checkpoint_dir: str | Path | None,
+    timings: Timings,
+    run_key: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> CompressionResult:
-    """Handler of ``method='svd-llm'``."""
-    timings = Timings()
-    before = count_parameters(model)
-    plan = plan_targets(model, config)
+    """Truncate every planned target at its rank, layer by layer, and summarise (both SVD-LLM methods)."""
     layered = by_layer(plan)
     decompose = decomposer_for(config)
 
@@ -194,9 +200,36 @@ def compress_svd_llm(
         device=device,
         checkpoint_dir=checkpoint_dir,
         timings=timings,
+        run_key=run_key,
     )
     result = build_result(
-        model, config, plan, records, parameters_before=before, timings=timings, calibration_tokens=tokens
+        model,
+        config,
+        plan,
+        records,
+        parameters_before=parameters_before,
+        timings=timings,
+        calibration_tokens=tokens,
+        extra=extra,
     )
     log_fallbacks(result)
     return result
+
+
+@register_method(SVDLLMConfig)
+def compress_svd_llm(
+    model: nn.Module, config: SVDLLMConfig, *, calibration=None, device=None, checkpoint_dir=None
+) -> CompressionResult:
+    """Handler of ``method='svd-llm'``."""
+    before = count_parameters(model)
+    plan = plan_targets(model, config)
+    return truncation_pass(
+        model,
+        config,
+        calibration,
+        plan,
+        parameters_before=before,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        timings=Timings(),
+    )

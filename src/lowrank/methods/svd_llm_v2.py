@@ -34,13 +34,11 @@ from lowrank.methods.base import CompressionResult, count_parameters, register_m
 from lowrank.methods.common import (
     CalibratedConfig,
     Target,
-    build_result,
     by_layer,
     decomposer_for,
     plan_targets,
-    truncate_layer,
 )
-from lowrank.methods.svd_llm import collect_gram_statistics, log_fallbacks, run_calibrated
+from lowrank.methods.svd_llm import collect_gram_statistics, run_calibrated, truncation_pass
 
 __all__ = ["SVDLLMV2Config", "allocate_plan"]
 
@@ -185,7 +183,6 @@ def compress_svd_llm_v2(
     timings = Timings()
     before = count_parameters(model)
     plan = plan_targets(model, config)
-    layered = by_layer(plan)
     decompose = decomposer_for(config)
     if not config.sequential and isinstance(calibration, torch.Tensor) and calibration.ndim == 2:
         # one calibration pass serves both the spectra and the compression
@@ -201,32 +198,15 @@ def compress_svd_llm_v2(
             timings=timings,
         )
     allocation = _allocate(model, config, calibration, plan, decompose, device, checkpoint_dir, timings)
-    ranks = {t.name: t.rank for t in plan}
-
-    def process(index: int, layer: nn.Module, stats: dict[str, Statistic]) -> dict[str, Any]:
-        return truncate_layer(layer, layered.get(index, []), stats, config, decompose, timings)
-
-    sub = None if checkpoint_dir is None else f"{checkpoint_dir}/compress"
-    records, tokens = run_calibrated(
+    return truncation_pass(
         model,
         config,
         calibration,
         plan,
-        process,
-        device=device,
-        checkpoint_dir=sub,
-        timings=timings,
-        run_key={"compress": config.to_dict(), "ranks": ranks},
-    )
-    result = build_result(
-        model,
-        config,
-        plan,
-        records,
         parameters_before=before,
+        device=device,
+        checkpoint_dir=None if checkpoint_dir is None else f"{checkpoint_dir}/compress",
         timings=timings,
-        calibration_tokens=tokens,
+        run_key={"compress": config.to_dict(), "ranks": {t.name: t.rank for t in plan}},
         extra={"allocation": allocation},
     )
-    log_fallbacks(result)
-    return result
