@@ -144,25 +144,26 @@ def _spec(group, method, dec, *, ratio=None, keep=None, allocation=None, sequent
 
 
 def make_config(spec: dict[str, Any], args: argparse.Namespace):
-    from lowrank.methods import SVDConfig, SVDLLMConfig, SVDLLMV2Config
+    """The method config of one configuration: every field the method's config class has, nothing else."""
+    import dataclasses
 
-    fields: dict[str, Any] = {"decomposer": dict(DECOMPOSERS[spec["decomposer_label"]])}
-    if spec["ratio"] is not None:
-        fields["ratio"] = spec["ratio"]
-    else:
-        fields["keep_singular_fraction"] = spec["keep_singular_fraction"]
-    if spec["method"] == "svd":
-        return SVDConfig(**fields)
-    fields.update(
-        sequential=spec["calibration"] == "sequential",
-        calib_samples=args.calib_samples,
-        seq_len=args.calib_seq_len,
-    )
-    if spec["method"] == "svd-llm":
-        return SVDLLMConfig(**fields)
-    if spec["allocation"]:
-        fields["allocation"] = spec["allocation"]
-    return SVDLLMV2Config(**fields)
+    from lowrank.methods import config_class
+
+    cls = config_class(spec["method"])
+    data: dict[str, Any] = {
+        "decomposer": dict(DECOMPOSERS[spec["decomposer_label"]]),
+        "ratio": spec["ratio"],
+        "keep_singular_fraction": spec["keep_singular_fraction"],
+        "allocation": spec["allocation"],
+        "calibration": {
+            "sequential": spec["calibration"] == "sequential",
+            "samples": args.calib_samples,
+            "seq_len": args.calib_seq_len,
+            "seed": args.seed,
+        },
+    }
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls.from_dict({k: v for k, v in data.items() if k in names and v is not None})
 
 
 class Runner:
@@ -239,22 +240,23 @@ class Runner:
 
 
 def _summarise(result) -> dict[str, Any]:
-    allocation = result.extra.get("allocation") or {}
+    details = result.details
+    allocation = details.get("allocation") or {}
     return {
-        "decomposer": result.decomposer,
-        "ratio_params_removed": result.ratio_params_removed,
-        "keep_singular_fraction_achieved": result.keep_singular_fraction,
+        "decomposer": details["decomposer"],
+        "ratio_params_removed": details["ratio_params_removed"],
+        "keep_singular_fraction_achieved": details["keep_singular_fraction"],
         "parameters_before": result.parameters_before,
         "parameters_after": result.parameters_after,
         "parameters_retained": round(result.parameters_after / result.parameters_before, 6),
         "linear_parameters_retained": round(
-            result.linear_parameters_after / result.linear_parameters_before, 6
+            details["linear_parameters_after"] / details["linear_parameters_before"], 6
         ),
-        "dense_kept": len(result.dense_kept),
+        "dense_kept": len(details["dense_kept"]),
         "fallbacks": result.fallbacks,
-        "decomposer_fallbacks": result.extra.get("decomposer_fallbacks", {}),
+        "decomposer_fallbacks": details.get("decomposer_fallbacks", {}),
         "time_total_s": result.time_total_s,
-        "time_decomposition_s": round(result.time_decomposition_s, 4),
+        "time_decomposition_s": round(result.timings.get("decomposition", 0.0), 4),
         "timings": result.timings,
         "relative_loss_homogeneous": sum(g["relative_loss_homogeneous"] for g in allocation.values()),
         "relative_loss_allocated": sum(g["relative_loss_allocated"] for g in allocation.values()),

@@ -121,22 +121,27 @@ def calibration_tokens(samples: int, seq_len: int, vocab: int, seed: int):
 
 
 def method_config(args: argparse.Namespace, decomposer: str):
-    from lowrank.linalg import DecomposerConfig
-    from lowrank.methods import SVDLLMConfig, SVDLLMV2Config
+    from lowrank.methods import config_from_dict
 
-    cls = {"svd-llm": SVDLLMConfig, "svd-llm-v2": SVDLLMV2Config}[args.method]
-    dec = DecomposerConfig(
-        name=decomposer, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed
-    )
-    return cls(
-        ratio=args.ratio,
-        decomposer=dec,
-        calib_samples=args.calib_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        gram_dtype=args.gram_dtype,
-        compute_dtype=args.compute_dtype,
-        offload_device=args.offload_device,
+    return config_from_dict(
+        {
+            "method": args.method,
+            "ratio": args.ratio,
+            "decomposer": {
+                "name": decomposer,
+                "oversample": args.oversample,
+                "power_iters": args.power_iters,
+                "seed": args.seed,
+            },
+            "calibration": {
+                "samples": args.calib_samples,
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "stat_dtype": args.gram_dtype,
+                "offload_device": args.offload_device,
+            },
+            "compute_dtype": args.compute_dtype,
+        }
     )
 
 
@@ -161,17 +166,17 @@ def compress_once(args: argparse.Namespace, decomposer: str, tokens, dtype) -> d
         logits = model(input_ids=probe, use_cache=False).logits
     losses = {name: m.get("loss") for name, m in result.modules.items()}
     record = {
-        "decomposer": result.decomposer,
+        "decomposer": result.details["decomposer"],
         "build_seconds": round(build_s, 2),
         "timings": result.timings,
         "per_layer": per_layer(result.timings, args.layers),
         "peak_accelerator_bytes": peak,
         "peak_host_rss_bytes_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "ratio_params_removed": result.ratio_params_removed,
-        "keep_singular_fraction": result.keep_singular_fraction,
+        "ratio_params_removed": result.details["ratio_params_removed"],
+        "keep_singular_fraction": result.details["keep_singular_fraction"],
         "ranks": {m["kind"]: m["rank"] for m in result.modules.values()},
         "fallbacks": result.fallbacks,
-        "decomposer_fallbacks": result.extra.get("decomposer_fallbacks", {}),
+        "decomposer_fallbacks": result.details.get("decomposer_fallbacks", {}),
         "truncation_loss_sum": sum(v for v in losses.values() if v is not None),
         "truncation_loss_layer0": sum(v for k, v in losses.items() if v is not None and ".layers.0." in k),
         "weights_on_host_after": all(p.device.type == "cpu" for p in model.parameters()),

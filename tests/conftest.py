@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-#: Families the toolkit supports through the Llama-shaped ArchSpec; every table-driven test covers them.
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
+#: Families the toolkit supports through the Llama-shaped ArchSpec; every table-driven test covers them
+#: (qwen3 and gemma3_text add q/k norms inside attention).
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "gemma3_text")
 
 
 @pytest.fixture

@@ -108,9 +108,11 @@ def test_uniform_rule_keeps_the_homogeneous_ranks():
 
 
 def test_cli_offers_every_rule():
-    from lowrank.cli.compress import ALLOCATIONS
+    from lowrank.cli import build_parser
 
-    assert set(ALLOCATIONS) == set(ALLOCATION_RULES)
+    parser = build_parser("compress")._subparsers._group_actions[0].choices["compress"]
+    (allocation,) = [a for a in parser._actions if "--allocation" in a.option_strings]
+    assert set(allocation.choices) == set(ALLOCATION_RULES)
 
 
 def test_bad_rule_and_infeasible_budget():

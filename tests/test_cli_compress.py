@@ -40,7 +40,7 @@ def test_compress_writes_a_loadable_model_and_a_summary(assets, capsys):
             str(assets / "calib.txt"),
             "--calib-samples",
             "16",
-            "--seq-len",
+            "--calib-seq-len",
             "48",
             "--out",
             str(out),
@@ -112,6 +112,8 @@ def test_config_file_and_flag_override(assets, tmp_path):
         (["--ratio", "1.5"], "1.5"),
         (["--ratio", "0.2", "--targets", "nothing_here"], "select no module"),
         (["--ratio", "0.2", "--targets", "mlp"], "LlamaMLP"),
+        (["--ratio", "0.2", "--allocation", "greedy"], "--allocation is not an option of method 'svd'"),
+        (["--ratio", "0.2", "--config", "/no/such/cfg.json"], "no such file"),
     ],
 )
 def test_bad_input_is_a_one_line_error(assets, capsys, flags, message):
@@ -119,3 +121,21 @@ def test_bad_input_is_a_one_line_error(assets, capsys, flags, message):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("lowrank compress: error:")]
     assert rc == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_config_file_of_the_wrong_json_type_is_one_line(assets, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("[1, 2]")
+    rc = main(["compress", "--model", str(assets / "tiny"), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected a JSON object" in err and "Traceback" not in err
+
+
+def test_python_dash_m_works_like_the_script():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lowrank", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "compress" in out.stdout and "--debug" in out.stdout

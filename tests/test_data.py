@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowrank import corpora
-from lowrank.data import calibration_batches, load_text, tokenize
+from lowrank.data import calibration_batches, default_bos_id, load_text, resolve_bos, tokenize
 
 # ----------------------------------------------------------------------------- calibration_batches
 
@@ -59,6 +59,75 @@ def test_text_is_tokenized_without_special_tokens():
     assert torch.equal(batches, calibration_batches(None, ids, 2, 50, seed=1))
     with pytest.raises(ValueError, match="token ids"):
         tokenize(tok, torch.zeros(2, 3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- BOS convention
+
+
+def _word_tokenizer(adds_bos: bool):
+    """Word-level tokenizer ('w0' … 'w253' -> 1…254, '<s>' = 255) that prepends '<s>' when ``adds_bos``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(254)] + ["<s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 255)], pair="<s> $A $B"
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+
+
+def test_bos_is_detected_by_behaviour_not_attributes():
+    from _tiny import tiny_tokenizer
+
+    assert default_bos_id(tiny_tokenizer()) is None
+    assert default_bos_id(_word_tokenizer(True)) == 255
+    assert default_bos_id(_word_tokenizer(False)) is None  # declares bos_token but never adds it
+    assert default_bos_id(None) is None
+    assert resolve_bos(_word_tokenizer(False), None) is None
+    assert resolve_bos(_word_tokenizer(False), True) == 255
+    assert resolve_bos(_word_tokenizer(True), False) is None
+    with pytest.raises(ValueError, match="add_bos=True needs a tokenizer with a BOS token; got no tokenizer"):
+        resolve_bos(None, True)
+    with pytest.raises(ValueError, match="needs a tokenizer with a BOS token; got Tokenizers"):
+        resolve_bos(tiny_tokenizer(), True)
+
+
+def test_calibration_sequences_start_with_bos_where_the_tokenizer_adds_it():
+    tok = _word_tokenizer(True)
+    ids = torch.arange(1, 5_001)  # ids == positions + 1, so windows are easy to read
+    batches = calibration_batches(tok, ids, n_samples=8, seq_len=64, seed=2)
+    assert batches.shape == (8, 64) and bool((batches[:, 0] == 255).all())
+    text = batches[:, 1:]
+    assert torch.equal(text - text[:, :1], torch.arange(63).expand(8, 63))  # contiguous, 63 text tokens
+    starts = sorted(text[:, 0].tolist())
+    assert all(b - a >= 63 for a, b in zip(starts, starts[1:], strict=False)), "windows overlap"
+    # the same draw as 63-token windows without BOS: only the BOS column is new
+    assert torch.equal(text, calibration_batches(None, ids, 8, 63, seed=2))
+    assert torch.equal(
+        calibration_batches(tok, ids, 8, 64, seed=2, add_bos=False),
+        calibration_batches(None, ids, 8, 64, seed=2),
+    )
+    words = " ".join(f"w{i % 254}" for i in range(600))
+    assert torch.equal(calibration_batches(tok, words, 4, 32, seed=1)[:, 0], torch.full((4,), 255))
+    with pytest.raises(ValueError, match=r"4 samples x 31 tokens \(\+1 BOS each\) need 124"):
+        calibration_batches(tok, torch.arange(100), n_samples=4, seq_len=32)
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        calibration_batches(tok, ids, n_samples=4, seq_len=1)
+
+
+def test_calibration_without_bos_is_the_plain_draw():
+    # pinned: the draw for tokenizers without BOS (SmolLM2, GPT-2 style) must not change
+    batches = calibration_batches(None, torch.arange(1_000), n_samples=3, seq_len=5, seed=0)
+    from _tiny import tiny_tokenizer
+
+    assert torch.equal(calibration_batches(tiny_tokenizer(), torch.arange(1_000), 3, 5, seed=0), batches)
+    g = torch.Generator().manual_seed(0)
+    gaps = torch.sort(torch.randint(0, 1_000 - 15 + 1, (3,), generator=g)).values
+    starts = (gaps + torch.arange(3) * 5)[torch.randperm(3, generator=g)]
+    assert torch.equal(batches, starts[:, None] + torch.arange(5))
 
 
 # ----------------------------------------------------------------------------- load_text
@@ -199,6 +268,12 @@ def test_real_wiki_splits_are_disjoint_and_large_enough():
     assert set(titles["test"]).isdisjoint(titles["calibration"])
     assert len(titles["test"]) + len(titles["calibration"]) >= 100
     _, tokenizer = load_model("smollm2-135m")
+    assert default_bos_id(tokenizer) is None  # SmolLM2 adds no BOS: calibration is the plain draw
+    calib_text = load_text("wiki", "calibration")[:50_000]
+    assert torch.equal(
+        calibration_batches(tokenizer, calib_text, 4, 128, seed=0),
+        calibration_batches(None, tokenize(tokenizer, calib_text), 4, 128, seed=0),
+    )
     test_tokens = tokenize(tokenizer, load_text("wiki", "test")).numel()
     calib_tokens = tokenize(tokenizer, load_text("wiki", "calibration")).numel()
     assert test_tokens >= 64 * 2048, "test split must hold 64 windows of 2048 tokens"

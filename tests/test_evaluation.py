@@ -20,7 +20,7 @@ from lowrank.evaluation import (
     tensor_bytes,
     throughput,
 )
-from lowrank.evaluation.report import evaluate_model
+from lowrank.evaluation.report import evaluate_model, report_rows
 
 # ----------------------------------------------------------------------------- perplexity
 
@@ -101,6 +101,84 @@ def test_text_and_ids_give_the_same_result():
     assert a == b
 
 
+# ----------------------------------------------------------------------------- BOS per window
+
+BOS = 255
+
+
+def bos_tokenizer(adds_bos: bool = True):
+    """A word-level tokenizer like the tiny one ('w0' … 'w253' -> 1…254) whose BOS '<s>' is id 255; with
+    ``adds_bos`` it prepends it by default (as Gemma's and Llama's do), else it only declares it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(254)] + ["<s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+
+
+class RecordingLM(ConstantLM):
+    """:class:`ConstantLM` that keeps every batch it is given."""
+
+    def __init__(self, vocab: int = 256):
+        super().__init__(vocab)
+        self.batches = []
+
+    def forward(self, input_ids, use_cache=False, **kw):
+        self.batches.append(input_ids.clone())
+        return super().forward(input_ids, use_cache=use_cache, **kw)
+
+
+def test_bos_windows_predict_every_text_token_once():
+    ids = torch.randint(1, 255, (10 * 15 + 4,), generator=torch.Generator().manual_seed(0))
+    model = RecordingLM()
+    result = perplexity(model, bos_tokenizer(), ids, seq_len=16, batch_size=3, progress=False)
+    windows = torch.cat(model.batches)
+    assert result.bos and result.windows == 10 and result.seq_len == 16
+    assert windows.shape == (10, 16) and bool((windows[:, 0] == BOS).all())
+    # targets are the text tokens only, each once, in order; BOS is never a target
+    assert torch.equal(windows[:, 1:].reshape(-1), ids[: 10 * 15])
+    assert result.tokens_evaluated == 10 * 15 == result.windows * (result.seq_len - 1)
+    assert result.perplexity == pytest.approx(256.0, rel=1e-6)
+
+
+def test_bos_convention_follows_the_tokenizer():
+    from _tiny import tiny_text
+
+    text = tiny_text(300, seed=3)
+    model = make_tiny_model("llama")
+    run = lambda tok, data, **kw: perplexity(model, tok, data, seq_len=32, progress=False, **kw)  # noqa: E731
+    with_bos, declares_only = bos_tokenizer(True), bos_tokenizer(False)
+    ids = torch.tensor(with_bos(text, add_special_tokens=False)["input_ids"])
+    a = run(with_bos, text)
+    assert a.bos and a.windows == 300 // 31 and a.tokens_evaluated == a.windows * 31
+    assert run(with_bos, ids) == a  # token ids with the tokenizer: the tokenizer's convention
+    assert run(None, ids, add_bos=False) == run(with_bos, ids, add_bos=False)
+    no_bos = run(declares_only, text)  # a declared bos_token that is never added is not used
+    assert not no_bos.bos and no_bos.windows == 300 // 32 and no_bos == run(None, ids)
+    assert run(declares_only, text, add_bos=True) == a
+    with torch.no_grad():  # a BOS window is scored like the model's own loss on BOS + text
+        w = torch.cat([torch.tensor([BOS]), ids[:31]])[None]
+        first = run(with_bos, ids[:31])
+        assert first.nll == pytest.approx(model(w, labels=w).loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="add_bos=True needs a tokenizer with a BOS token"):
+        run(None, ids, add_bos=True)
+
+
+def test_evaluate_model_reports_the_bos_convention():
+    from _tiny import tiny_text
+
+    model = make_tiny_model("llama")
+    report = evaluate_model(
+        model, bos_tokenizer(), tiny_text(200), seq_len=32, run_throughput=False, progress=False
+    )
+    assert report["bos"] is True and report["tokens_evaluated"] == report["windows"] * 31
+    assert ("BOS at window start", "yes") in report_rows(report)
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -173,6 +251,24 @@ def test_throughput_uses_the_cache_one_token_per_step():
         assert result.peak_memory_kind == "process_peak_rss" and result.peak_memory_bytes > 0
     with pytest.raises(ValueError, match="repeats"):
         throughput(model, repeats=0, progress=False)
+
+
+def test_throughput_beyond_the_position_limit_is_refused_before_any_compute():
+    model = make_tiny_model("llama")  # max_position_embeddings=512
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"100 \+ 500 = 600 exceeds .*max_position_embeddings=512") as info:
+        throughput(model, prompt_len=100, gen_len=500, progress=False)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        paired_throughput(
+            {"ok": make_tiny_model("llama", max_position_embeddings=4096), "short": model},
+            prompt_len=1_000,
+            gen_len=1,
+            progress=False,
+        )
+    assert calls == []
+    throughput(model, prompt_len=500, gen_len=12, warmup=0, repeats=1, progress=False)  # exactly 512 is fine
 
 
 def test_paired_throughput_interleaves_the_models_runs():
@@ -250,6 +346,10 @@ def test_cli_evaluate_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["windows"] == 3 and report["tokens_evaluated"] == 3 * 63
     assert "perplexity" in capsys.readouterr().out
+    zero = argv[: argv.index("--max-windows") + 1] + ["0", "--no-throughput", "--device", "cpu"]
+    assert main(zero) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lowrank evaluate: error: --max-windows must be >= 1 (omit it for the whole split); got 0"]
     assert main(["evaluate", "--model", "gpt-17", "--no-throughput"]) == 2
     assert "built-in models: smollm2-135m" in capsys.readouterr().err
 
@@ -275,6 +375,25 @@ def test_real_model_perplexity_is_plausible(smollm):
     plays = load_text("shakespeare", "test")[:20_000]  # a prefix holds the two windows
     bard = perplexity(model, tokenizer, plays, seq_len=512, max_windows=2, progress=False)
     assert math.isfinite(bard.perplexity) and bard.perplexity > wiki.perplexity  # out of domain
+
+
+@pytest.mark.integration
+def test_real_model_adds_no_bos_and_keeps_its_protocol(smollm):
+    from lowrank.data import default_bos_id, load_text, tokenize
+
+    model, tokenizer = smollm
+    assert default_bos_id(tokenizer) is None  # SmolLM2's tokenizer prepends nothing
+    text = load_text("wiki", "test")[:20_000]
+    result = perplexity(model, tokenizer, text, seq_len=256, max_windows=2, progress=False)
+    assert not result.bos and result.tokens_evaluated == 2 * 255
+    ids = tokenize(tokenizer, text)
+    with torch.no_grad():  # the protocol before BOS handling: plain windows of seq_len text tokens
+        windows = ids[: 2 * 256].view(2, 256)
+        expected = torch.stack([model(w[None], labels=w[None]).loss for w in windows]).mean().item()
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+    assert result == perplexity(
+        model, tokenizer, ids, seq_len=256, max_windows=2, add_bos=False, progress=False
+    )
 
 
 @pytest.mark.integration

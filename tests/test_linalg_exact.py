@@ -1,4 +1,5 @@
-"""Exact truncated SVD: Gram + float64 eigh route agrees with LAPACK, falls back where it must."""
+"""Exact truncated SVD: Gram + float64 eigh route agrees with LAPACK, falls back where it must; every SVD
+routine refuses float16 results out of range."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from _linalg_helpers import decaying, low_rank, optimal_error, orth_defect, rel_error, with_spectrum
 
+from lowrank import linalg
 from lowrank.linalg import fallback_counts, truncated_svd
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -50,6 +52,25 @@ def test_float64_and_half():
     Uh, Sh, Vhh = truncated_svd(A.half(), 5)
     assert Sh.dtype == torch.float16
     torch.testing.assert_close(Sh.float(), S.float(), rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "routine", ["truncated_svd", "randomized_svd", "block_krylov_svd", "rank_by_tolerance"]
+)
+def test_half_precision_overflowing_singular_values_are_refused(routine):
+    A = torch.full((64, 48), 2000.0, dtype=torch.float16)  # σ₁ = 2000·√(64·48) ≈ 1.1e5 > 65504
+    A[0, 0] = 1000.0
+    fn = getattr(linalg, routine)
+    args = (A, 0.5) if routine == "rank_by_tolerance" else (A, 4)
+    with pytest.raises(
+        ValueError, match=r"singular values up to 1.1\d*e\+05 exceed the float16 range"
+    ) as info:
+        fn(*args)
+    assert "\n" not in str(info.value)
+    U, S, Vh = fn(A.to(torch.bfloat16), *args[1:])  # bfloat16 holds it
+    assert torch.isfinite(S).all() and S.dtype == torch.bfloat16
+    U, S, Vh = fn(A / 4, *args[1:])  # in range: unchanged behaviour
+    assert torch.isfinite(S).all() and S.dtype == torch.float16
 
 
 def test_bad_method():

@@ -40,11 +40,11 @@ def test_every_method_compresses_every_architecture(arch, method):
     model = make_tiny_model(arch)
     result = compress(model, CONFIGS[method](ratio=0.3), calibration=_calibration())
     lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
-    assert len(lowrank) == 14 and not result.dense_kept
+    assert len(lowrank) == 14 and not result.details["dense_kept"]
     # ⌊·⌋ in the rank formula removes slightly more than asked, never less
-    assert 0.3 <= result.ratio_params_removed < 0.36
+    assert 0.3 <= result.details["ratio_params_removed"] < 0.36
     assert result.parameters_before - result.parameters_after == (
-        result.linear_parameters_before - result.linear_parameters_after
+        result.details["linear_parameters_before"] - result.details["linear_parameters_after"]
     )
     assert result.parameters_after == sum(p.numel() for p in model.parameters())
     assert torch.isfinite(_logits(model, random_tokens(2, 16, seed=9))).all()
@@ -58,7 +58,7 @@ def test_full_rank_reproduces_the_original_logits(method):
     reference = _logits(model, ids)
     config = CONFIGS[method](keep_singular_fraction=1.0, factorize_all=True)
     result = compress(model, config, calibration=_calibration())
-    assert result.keep_singular_fraction == 1.0 and not result.dense_kept
+    assert result.details["keep_singular_fraction"] == 1.0 and not result.details["dense_kept"]
     # factors of a float32 layer computed in float64: float32 rounding of the logits only
     torch.testing.assert_close(_logits(model, ids), reference, rtol=1e-4, atol=1e-5)
 
@@ -67,10 +67,10 @@ def test_keep_fraction_that_saves_nothing_keeps_matrices_dense():
     model = make_tiny_model("llama")
     result = compress(model, SVDConfig(keep_singular_fraction=0.7))
     # 0.7 of 64 singular values on 64×64 needs 44·128 > 64² parameters: kept dense and listed
-    assert "model.layers.0.self_attn.q_proj" in result.dense_kept
+    assert "model.layers.0.self_attn.q_proj" in result.details["dense_kept"]
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert result.modules["model.layers.0.self_attn.q_proj"]["rank"] is None
-    assert "model.layers.0.mlp.down_proj" not in result.dense_kept  # 160×64 still saves at rank 44
+    assert "model.layers.0.mlp.down_proj" not in result.details["dense_kept"]  # 160×64 still saves at rank 44
 
 
 def test_whitening_beats_plain_svd_on_calibration_loss():
@@ -93,12 +93,12 @@ def test_v2_keeps_each_group_budget_and_lowers_predicted_loss():
     v1 = compress(make_tiny_model("gemma2"), SVDLLMConfig(ratio=0.3), calibration=ids)
     v2_config = SVDLLMV2Config(ratio=0.3, allocation="greedy_relative")
     v2 = compress(make_tiny_model("gemma2"), v2_config, calibration=ids)
-    assert v2.linear_parameters_after == v1.linear_parameters_after
+    assert v2.details["linear_parameters_after"] == v1.details["linear_parameters_after"]
     for kind in ("q", "k", "v", "o", "gate", "up", "down"):
         ranks = [e["rank"] for e in v2.modules.values() if e["kind"] == kind]
         homogeneous = [e["rank"] for e in v1.modules.values() if e["kind"] == kind]
         assert sum(ranks) == sum(homogeneous)
-    groups = v2.extra["allocation"]
+    groups = v2.details["allocation"]
     assert set(groups) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert all(
         g["relative_loss_allocated"] <= g["relative_loss_homogeneous"] + 1e-12 for g in groups.values()
@@ -110,20 +110,23 @@ def test_v2_uniform_allocation_is_svd_llm_through_the_two_round_route():
     v1_model, v2_model = make_tiny_model("llama"), make_tiny_model("llama")
     v1 = compress(v1_model, SVDLLMConfig(ratio=0.3, truncation="eigh"), calibration=ids)
     v2 = compress(v2_model, SVDLLMV2Config(ratio=0.3, allocation="uniform"), calibration=ids)
-    assert v2.ranks == v1.ranks and v2.extra["allocation"] == {}
+    assert v2.ranks == v1.ranks and v2.details["allocation"] == {}
     torch.testing.assert_close(_logits(v2_model, test), _logits(v1_model, test), rtol=1e-6, atol=1e-6)
 
 
 def test_precomputed_statistics_equal_a_non_sequential_run():
     ids, test = _calibration(), random_tokens(2, 16, seed=9)
     stats = collect_gram_statistics(make_tiny_model("qwen2"), ids)
-    for config in (SVDLLMConfig(ratio=0.2, sequential=False), SVDLLMV2Config(ratio=0.2, sequential=False)):
+    for config in (
+        SVDLLMConfig(ratio=0.2, calibration={"sequential": False}),
+        SVDLLMV2Config(ratio=0.2, calibration={"sequential": False}),
+    ):
         direct, reused = make_tiny_model("qwen2"), make_tiny_model("qwen2")
         compress(direct, config, calibration=ids)
         result = compress(reused, config, calibration=stats)
         assert result.calibration_tokens == ids.numel()
         torch.testing.assert_close(_logits(reused, test), _logits(direct, test), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="sequential=False"):
+    with pytest.raises(ValueError, match="non-sequential"):
         compress(make_tiny_model("qwen2"), SVDLLMConfig(ratio=0.2), calibration=stats)
 
 
@@ -171,7 +174,9 @@ def test_resume_through_compress_equals_uninterrupted(tmp_path, monkeypatch):
         ({"ratio": 0.2, "keep_singular_fraction": 0.5}, "exactly one"),
         ({"keep_singular_fraction": 0.0}, "0.0"),
         ({"ratio": 0.2, "truncation": "qr"}, "'qr'"),
-        ({"ratio": 0.2, "calib_samples": 0}, "calib_samples"),
+        ({"ratio": 0.2, "calibration": {"samples": 0}}, "samples"),
+        ({"ratio": 0.2, "calibration": {"sample": 8}}, "unknown calibration field"),
+        ({"ratio": 0.2, "targets": ["q_proj", "q_proj"] + [3]}, "targets"),
     ],
 )
 def test_bad_config_values_are_one_line_errors(kwargs, message):
@@ -204,8 +209,13 @@ def test_targets_and_ignore_select_modules():
     "config",
     [
         SVDConfig(ratio=0.2, decomposer="rsvd"),
-        SVDLLMConfig(keep_singular_fraction=0.5, targets=("q_proj",), sequential=False),
-        SVDLLMV2Config(ratio=0.3, allocation="log_inverse", truncation="projection", gram_dtype="float32"),
+        SVDLLMConfig(keep_singular_fraction=0.5, targets=("q_proj",), calibration={"sequential": False}),
+        SVDLLMV2Config(
+            ratio=0.3,
+            allocation="log_inverse",
+            truncation="projection",
+            calibration={"stat_dtype": "float32"},
+        ),
     ],
 )
 def test_config_round_trips_through_dict(config):
@@ -221,6 +231,7 @@ def test_timings_report_every_stage():
     result = compress(make_tiny_model("llama"), SVDLLMConfig(ratio=0.2), calibration=_calibration())
     for stage in ("calibration_forward", "gram_accumulation", "whitening", "decomposition"):
         assert result.timings[stage] > 0, stage
+    assert result.timings["total"] == result.time_total_s
     summary = result.summary()
     for key in (
         "method",
@@ -232,6 +243,8 @@ def test_timings_report_every_stage():
         "time_total_s",
         "time_decomposition_s",
         "fallbacks",
+        "weight_bytes_before",
+        "kv_bytes_per_token_after",
     ):
         assert key in summary
     assert isinstance(Timings().to_dict(), dict)

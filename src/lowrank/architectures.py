@@ -1,29 +1,36 @@
-"""Architecture knowledge as data: where the decoder layers and their projections live.
+"""Architecture knowledge as data: where the decoder layers, their projections and attention parts live.
 
 Every method asks this module, never a model name, where things are. A Llama-shaped default covers
 Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2/Gemma3 and anything else with the same module names; the
-small registry below lists the families known to fit and the exceptions. A model whose modules do not
-match raises one line naming what is missing.
+small registry below lists the families known to fit and the exceptions (Qwen3, OLMo2 and Gemma3 carry
+query/key norms). A model whose modules do not match raises one line naming what is missing.
+
+:func:`attention_info` resolves everything attention-specific a method may need (head geometry, q/k
+norms, biases, rotary convention and dimension, per-layer sliding windows, soft-capping, the score
+scale) from the model's config and modules, so no method reads ``config.*`` attributes itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from torch import nn
 
 __all__ = [
     "ArchSpec",
-    "LINEAR_TYPES",
     "get_arch_spec",
     "register_arch_spec",
     "decoder_layers",
     "attention_shape",
     "AttentionShape",
+    "attention_info",
+    "AttentionInfo",
+    "QKNormLayout",
 ]
 
-#: The seven kinds of decoder linear layer, in layer order. SVD-LLM V2 allocates ranks within each kind.
-LINEAR_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+#: Layouts of the tensors q/k norms see (b: batch, t: sequence, h: heads, d: head_dim).
+QKNormLayout = Literal["b t h d", "b h t d", "b t (h d)"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,11 +52,23 @@ class ArchSpec:
             "down": "mlp.down_proj",
         }
     )
-    """Path from a decoder layer to each linear layer, keyed by its kind (see ``LINEAR_TYPES``)."""
+    """Path from a decoder layer to each linear layer, keyed by its kind (``q``, ``k``, ``v``, ``o``,
+    ``gate``, ``up``, ``down``: SVD-LLM V2 allocates ranks within each kind)."""
     rotary: str | None = "model.rotary_emb"
     """Path from the model to the shared rotary embedding module, if any."""
+    rotary_style: Literal["rotate_half", "interleaved"] = "rotate_half"
+    """RoPE pairing: ``rotate_half`` rotates feature ``i`` with ``i + rotary_dim/2`` (GPT-NeoX, Llama and
+    every family registered here); ``interleaved`` rotates ``2i`` with ``2i + 1`` (GPT-J)."""
+    q_norm: str | None = None
+    """Path from the attention module to the norm applied to the queries before RoPE, if any."""
+    k_norm: str | None = None
+    """Path from the attention module to the norm applied to the keys before RoPE, if any."""
+    qk_norm_layout: QKNormLayout = "b t h d"
+    """Layout of the tensors the q/k norms receive and return (b: batch, t: sequence, h: heads, d:
+    head_dim): ``"b t h d"`` per head before the transpose (Qwen3), ``"b h t d"`` per head after it
+    (Gemma3), ``"b t (h d)"`` the whole projection output (OLMo2)."""
 
-    def linear_type(self, relative_name: str) -> str | None:
+    def kind_of(self, relative_name: str) -> str | None:
         """The kind (``'q'``, ``'down'``, …) of a linear given its path inside a layer, else ``None``."""
         for kind, path in self.linears.items():
             if relative_name == path:
@@ -59,20 +78,13 @@ class ArchSpec:
 
 _DEFAULT = ArchSpec()
 _REGISTRY: dict[str, ArchSpec] = {
-    name: _DEFAULT
-    for name in (
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "olmo",
-        "olmo2",
-        "granite",
-        "smollm3",
-    )
+    **{
+        name: _DEFAULT
+        for name in ("llama", "mistral", "qwen2", "gemma", "gemma2", "olmo", "granite", "smollm3")
+    },
+    "qwen3": replace(_DEFAULT, q_norm="q_norm", k_norm="k_norm", qk_norm_layout="b t h d"),
+    "gemma3_text": replace(_DEFAULT, q_norm="q_norm", k_norm="k_norm", qk_norm_layout="b h t d"),
+    "olmo2": replace(_DEFAULT, q_norm="q_norm", k_norm="k_norm", qk_norm_layout="b t (h d)"),
 }
 
 
@@ -112,9 +124,14 @@ def get_arch_spec(model: nn.Module) -> ArchSpec:
             f"Llama-like ({', '.join(sorted(_REGISTRY))}); register others with register_arch_spec()"
         )
     missing = [p for p in spec.linears.values() if not _is_linear_like(_get(layers[0], p))]
+    missing += [
+        f"{spec.attention}.{p}"
+        for p in (spec.q_norm, spec.k_norm)
+        if p and _get(layers[0], f"{spec.attention}.{p}") is None
+    ]
     if missing:
         raise ValueError(
-            f"model_type {model_type!r}: decoder layer has no nn.Linear at {', '.join(missing)}; "
+            f"model_type {model_type!r}: decoder layer has no linear or norm module at {', '.join(missing)}; "
             f"supported layouts are Llama-like ({', '.join(sorted(_REGISTRY))}); "
             "register others with register_arch_spec()"
         )
@@ -140,8 +157,16 @@ class AttentionShape:
 
     @property
     def group_size(self) -> int:
-        """Query heads per key/value head (1 for MHA, >1 for GQA)."""
+        """Query heads per key/value head (1 for MHA, >1 for GQA); query head ``i`` reads KV head
+        ``i // group_size``."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def kind(self) -> Literal["MHA", "GQA", "MQA"]:
+        """``MHA`` (one KV head per query head), ``MQA`` (one KV head in all) or ``GQA`` (in between)."""
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        return "MQA" if self.num_kv_heads == 1 else "GQA"
 
 
 def attention_shape(config) -> AttentionShape:
@@ -150,4 +175,128 @@ def attention_shape(config) -> AttentionShape:
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if heads % kv:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
     return AttentionShape(hidden_size=cfg.hidden_size, num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionInfo:
+    """Everything attention-specific about a model, resolved from its config and modules.
+
+    Per-layer fields are tuples with one entry per decoder layer.
+    """
+
+    shape: AttentionShape
+    """Head geometry (heads, KV heads, head_dim, group size, MHA/GQA/MQA)."""
+    attention: str
+    """Path from a decoder layer to its attention module."""
+    q_norm: str | None
+    """Path from the attention module to the query norm applied before RoPE, if any."""
+    k_norm: str | None
+    """Path from the attention module to the key norm applied before RoPE, if any."""
+    qk_norm_layout: QKNormLayout | None
+    """Layout of what the q/k norms receive and return (see :attr:`ArchSpec.qk_norm_layout`); ``None``
+    without norms. ``"b t (h d)"`` normalizes the whole projection output, the others each head."""
+    bias: dict[str, bool]
+    """Whether the ``'q'``, ``'k'``, ``'v'`` and ``'o'`` projections carry a bias (read from layer 0)."""
+    scaling: float
+    """Factor applied to QKᵀ before the softmax: ``query_pre_attn_scalar**-0.5`` (Gemma2/3),
+    ``attention_multiplier`` (Granite), else ``head_dim**-0.5`` (read from the attention module)."""
+    attn_logit_softcapping: float | None
+    """Scores become ``c · tanh(scores / c)`` before masking when set (Gemma2)."""
+    final_logit_softcapping: float | None
+    """The LM head's logits become ``c · tanh(logits / c)`` when set (Gemma2/3)."""
+    rotary: str | None
+    """Path from the model to the rotary embedding module that computes every layer's (cos, sin)."""
+    rotary_style: Literal["rotate_half", "interleaved"]
+    """RoPE pairing convention (see :attr:`ArchSpec.rotary_style`)."""
+    rotary_dim: int
+    """Leading features of each head that RoPE rotates (``head_dim · partial_rotary_factor``); 0 without
+    RoPE."""
+    layer_types: tuple[str, ...]
+    """``'full_attention'`` or ``'sliding_attention'`` per layer."""
+    sliding_window: tuple[int | None, ...]
+    """Keys a query may see (itself included) per layer, ``None`` for full causal attention."""
+    rope: tuple[bool, ...]
+    """Whether the layer applies RoPE (SmolLM3 skips it in every fourth layer)."""
+
+
+def _rotary_dim(rotary: nn.Module | None, cfg, head_dim: int) -> int:
+    """Twice the number of inverse frequencies of the rotary module (else from the config)."""
+    if rotary is not None:
+        sizes = {
+            b.numel() for n, b in rotary.named_buffers() if n.endswith("inv_freq") and "original" not in n
+        }
+        if len(sizes) == 1:
+            return 2 * sizes.pop()
+    params = getattr(cfg, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None) or 1.0)
+    return int(head_dim * factor)
+
+
+def _layer_window(attn: nn.Module, cfg, layer_type: str) -> int | None:
+    if hasattr(attn, "sliding_window"):  # families that resolve it per layer keep it on the module
+        return attn.sliding_window
+    if getattr(cfg, "layer_types", None) is not None:
+        return getattr(cfg, "sliding_window", None) if layer_type == "sliding_attention" else None
+    return getattr(cfg, "sliding_window", None)  # Mistral: one window for every layer
+
+
+def _norm_layout(attn: nn.Module, spec: ArchSpec, shape: AttentionShape) -> QKNormLayout | None:
+    """The spec's q/k norm layout, checked against the size of the norms' weights."""
+    if spec.q_norm is None:
+        return None
+    heads = {spec.q_norm: shape.num_heads, spec.k_norm: shape.num_kv_heads}
+    for path, h in heads.items():
+        weight = getattr(_get(attn, path), "weight", None) if path else None
+        need = h * shape.head_dim if spec.qk_norm_layout == "b t (h d)" else shape.head_dim
+        if weight is not None and weight.numel() != need:
+            raise ValueError(
+                f"{path} has a weight of {weight.numel()} features but qk_norm_layout "
+                f"{spec.qk_norm_layout!r} needs {need}; register the family with the right layout"
+            )
+    return spec.qk_norm_layout
+
+
+def _has_bias(module: nn.Module | None) -> bool:
+    """A linear or a drop-in replacement (whose bias sits on a factor) carries a bias."""
+    return module is not None and any(n.rsplit(".", 1)[-1] == "bias" for n, _ in module.named_parameters())
+
+
+def attention_info(model: nn.Module) -> AttentionInfo:
+    """Resolve the attention of ``model`` (a causal LM of a registered or Llama-like family).
+
+    Returns:
+        the :class:`AttentionInfo`; per-layer tuples have ``len(decoder_layers(model))`` entries.
+
+    Raises:
+        ValueError: the model's layout is unknown (see :func:`get_arch_spec`).
+    """
+    spec = get_arch_spec(model)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    shape = attention_shape(cfg)
+    layers = decoder_layers(model, spec)
+    attns = [_get(layer, spec.attention) for layer in layers]
+    types = getattr(cfg, "layer_types", None)
+    types = tuple(types) if types is not None else ("full_attention",) * len(layers)
+    rotary = _get(model, spec.rotary) if spec.rotary else None
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    scaling = getattr(attns[0], "scaling", scalar**-0.5 if scalar else shape.head_dim**-0.5)
+    return AttentionInfo(
+        shape=shape,
+        attention=spec.attention,
+        q_norm=spec.q_norm,
+        k_norm=spec.k_norm,
+        qk_norm_layout=_norm_layout(attns[0], spec, shape),
+        bias={kind: _has_bias(_get(layers[0], spec.linears[kind])) for kind in ("q", "k", "v", "o")},
+        scaling=float(scaling),
+        attn_logit_softcapping=getattr(cfg, "attn_logit_softcapping", None),
+        final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
+        rotary=spec.rotary if rotary is not None else None,
+        rotary_style=spec.rotary_style,
+        rotary_dim=_rotary_dim(rotary, cfg, shape.head_dim) if rotary is not None else 0,
+        layer_types=types,
+        sliding_window=tuple(_layer_window(a, cfg, t) for a, t in zip(attns, types, strict=True)),
+        rope=tuple(bool(getattr(a, "use_rope", rotary is not None)) for a in attns),
+    )

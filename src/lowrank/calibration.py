@@ -107,10 +107,23 @@ class Statistic:
     ``update`` receives the module's positional ``inputs``, its ``output`` and its keyword arguments
     (attention modules are called with keywords: ``hidden_states``, ``position_embeddings``, …), so a
     statistic can equally be a Gram of an input, of an output, or of per-head queries and keys.
+    A statistic that must observe more than that module's forward call (e.g. what happens inside it)
+    overrides ``attach``.
     """
 
     #: a statistic of the module's INPUT may be shared by modules that receive the same tensor
     shares_input: bool = False
+
+    def attach(self, module: nn.Module, hook: Callable[..., None]) -> list[Any]:
+        """Start observing ``module``; return handles whose ``remove()`` undoes every change.
+
+        Args:
+            module: the module the request names.
+            hook: the caller's forward hook ``hook(module, args, kwargs, output)``, which times the
+                accumulation and calls ``update``; the default registers it on ``module``. Overrides must
+                register it too (on ``module``) and undo their own partial work if they fail.
+        """
+        return [module.register_forward_hook(hook, with_kwargs=True)]
 
     def update(self, module: nn.Module, inputs: tuple[Any, ...], output: Any, kwargs: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -169,6 +182,10 @@ class StatRequest:
 
 
 # ----------------------------------------------------------------------------------- layer inputs
+#: keyword arguments through which a layer receives the KV cache (dropped: calibration runs without one)
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+
+
 class _StopForward(Exception):
     """Raised by the last catcher to end the capture forward pass before the LM head."""
 
@@ -285,7 +302,7 @@ def capture_layer_inputs(
             memo: dict[int, Any] = {}
             hidden.append(sink[0][1].detach().to(offload_device))
             for i, _, args, kwargs in sink:
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+                kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
                 if "use_cache" in kwargs:
                     kwargs["use_cache"] = False
                 call = (_move(args, offload_device, memo), _move(kwargs, offload_device, memo))
@@ -337,6 +354,9 @@ def collect_layer_statistics(
 ) -> dict[str, Statistic]:
     """Accumulate ``requests`` over all chunks through forward hooks (removed in ``finally``).
 
+    Each statistic attaches itself with :meth:`Statistic.attach` (by default one forward hook on its
+    module); everything it attached is removed in ``finally``, also when a forward pass fails.
+
     Input statistics of modules fed the very same tensor (q/k/v, gate/up) are accumulated once and
     shared. With ``write_outputs`` the layer's outputs replace ``inputs.hidden`` (non-sequential mode).
 
@@ -377,8 +397,7 @@ def collect_layer_statistics(
     handles = []
     try:
         for key, req in requests.items():
-            module = get_module(layer, req.module)
-            handles.append(module.register_forward_hook(make_hook(key), with_kwargs=True))
+            handles.extend(stats[key].attach(get_module(layer, req.module), make_hook(key)))
         for c in range(len(inputs.hidden)):
             sub = LayerInputs(hidden=inputs.hidden[c : c + 1], calls=[[inputs.calls[index][c]]])
             run_layer(layer, 0, sub, device=device, write_outputs=write_outputs, timings=timings)

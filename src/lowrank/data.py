@@ -8,13 +8,17 @@ from pathlib import Path
 import torch
 
 from lowrank.corpora import BUILTIN_CORPORA, corpus_dir
+from lowrank.io import read_text
 
-__all__ = ["load_text", "tokenize", "calibration_batches"]
+__all__ = ["load_text", "tokenize", "calibration_batches", "default_bos_id", "resolve_bos"]
 
 logger = logging.getLogger(__name__)
 
 # our split names -> the usual Hugging Face split names
 _HUB_SPLITS = {"calibration": "train", "test": "test"}
+
+#: Short text whose encodings with and without special tokens reveal a prepended BOS.
+_BOS_PROBE = "The quick brown fox."
 
 
 def load_text(name_or_path: str, split: str = "test") -> str:
@@ -40,7 +44,7 @@ def load_text(name_or_path: str, split: str = "test") -> str:
             raise ValueError(
                 f"corpus {name_or_path!r} has no split {split!r}; valid splits: {', '.join(splits)}"
             )
-        return (corpus_dir(name_or_path) / f"{split}.txt").read_text(encoding="utf-8")
+        return read_text(corpus_dir(name_or_path) / f"{split}.txt")
     path = Path(name_or_path).expanduser()
     if path.suffix == ".txt" or path.exists():
         if not path.is_file():
@@ -50,7 +54,7 @@ def load_text(name_or_path: str, split: str = "test") -> str:
                 f"{path}: expected a .txt file, a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
                 "or a datasets name"
             )
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
     return _load_hub_text(name_or_path, split)
 
 
@@ -79,6 +83,9 @@ def _load_hub_text(name: str, split: str) -> str:
 def tokenize(tokenizer, text: str | torch.Tensor) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D LongTensor (no special tokens added); a tensor passes through.
 
+    BOS is the caller's business: evaluation windows and calibration sequences add it per window
+    (:func:`resolve_bos`), since one BOS at the start of a long stream would sit in the first window only.
+
     Args:
         tokenizer: a Hugging Face tokenizer (unused when ``text`` is already a tensor).
         text: a string, or token ids of shape ``(N,)`` or ``(1, N)``.
@@ -103,6 +110,49 @@ def tokenize(tokenizer, text: str | torch.Tensor) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def default_bos_id(tokenizer) -> int | None:
+    """The id ``tokenizer`` prepends by default (its BOS), or ``None`` when it prepends nothing.
+
+    Decided by behaviour, not by attributes (many tokenizers define a ``bos_token`` they never add): a short
+    text is encoded with and without special tokens; BOS is added when the former is one token followed by
+    the latter. A token appended at the end (EOS) is ignored.
+    """
+    if tokenizer is None:
+        return None
+    kwargs = dict(return_attention_mask=False, verbose=False)
+    plain = tokenizer(_BOS_PROBE, add_special_tokens=False, **kwargs)["input_ids"]
+    special = tokenizer(_BOS_PROBE, add_special_tokens=True, **kwargs)["input_ids"]
+    if len(special) > len(plain) and list(special[1 : 1 + len(plain)]) == list(plain):
+        return int(special[0])
+    return None
+
+
+def resolve_bos(tokenizer, add_bos: bool | None = None) -> int | None:
+    """The BOS id to put at the start of every evaluation window and calibration sequence, or ``None``.
+
+    Args:
+        tokenizer: Hugging Face tokenizer, or ``None`` (token ids with no tokenizer).
+        add_bos: ``None``: as the tokenizer does by default (:func:`default_bos_id`; no BOS without a
+            tokenizer); ``True``: always (the tokenizer's default BOS, else its ``bos_token_id``);
+            ``False``: never.
+
+    Raises:
+        ValueError: ``add_bos=True`` but the tokenizer is missing or has no BOS token.
+    """
+    if add_bos is False:
+        return None
+    bos = default_bos_id(tokenizer)
+    if add_bos is None or bos is not None:
+        return bos
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        name = type(tokenizer).__name__ if tokenizer is not None else "no tokenizer"
+        raise ValueError(
+            f"add_bos=True needs a tokenizer with a BOS token; got {name} (use add_bos=None or False)"
+        )
+    return int(bos)
+
+
 def calibration_batches(
     tokenizer,
     text: str | torch.Tensor,
@@ -110,37 +160,49 @@ def calibration_batches(
     seq_len: int,
     *,
     seed: int = 0,
+    add_bos: bool | None = None,
 ) -> torch.Tensor:
     """Draw ``n_samples`` random, non-overlapping windows of ``seq_len`` tokens from ``text``.
 
-    The text is tokenized once; window starts are placed uniformly at random without overlap
-    (sorted uniform gaps), then shuffled, all from a ``torch.Generator`` seeded with ``seed``.
+    The text is tokenized once (no special tokens); window starts are placed uniformly at random without
+    overlap (sorted uniform gaps), then shuffled, all from a ``torch.Generator`` seeded with ``seed``. Where
+    the tokenizer adds a BOS by default (see :func:`resolve_bos`), every sequence is BOS followed by a window
+    of ``seq_len - 1`` text tokens, so the model is calibrated on the inputs it sees in use; the sequence
+    length stays ``seq_len``.
 
     Args:
-        tokenizer: Hugging Face tokenizer (unused when ``text`` is token ids).
+        tokenizer: Hugging Face tokenizer (only its BOS convention is used when ``text`` is token ids).
         text: the calibration text, or its token ids ``(N,)``.
         n_samples: number of windows, >= 1.
-        seq_len: tokens per window, >= 1.
+        seq_len: tokens per sequence, >= 1 (>= 2 with BOS).
         seed: seed of the generator; the same inputs and seed give the same batches.
+        add_bos: ``None``: as the tokenizer does; ``True`` / ``False``: force (see :func:`resolve_bos`).
 
     Returns:
         ids: ``(n_samples, seq_len)`` int64.
 
     Raises:
-        ValueError: non-positive sizes, or the text holds fewer than ``n_samples * seq_len`` tokens.
+        ValueError: non-positive sizes, or the text holds fewer than ``n_samples`` windows of text tokens.
     """
     if n_samples < 1 or seq_len < 1:
         raise ValueError(f"n_samples and seq_len must be >= 1; got n_samples={n_samples}, seq_len={seq_len}")
+    bos = resolve_bos(tokenizer, add_bos)
+    span = seq_len - (bos is not None)  # text tokens per sequence
+    if span < 1:
+        raise ValueError(f"seq_len must be >= 2 when every sequence starts with BOS; got seq_len={seq_len}")
     ids = tokenize(tokenizer, text)
-    slack = ids.numel() - n_samples * seq_len
+    slack = ids.numel() - n_samples * span
     if slack < 0:
+        with_bos = " (+1 BOS each)" if bos is not None else ""
         raise ValueError(
-            f"text has {ids.numel():,} tokens but {n_samples} samples x {seq_len} tokens need "
-            f"{n_samples * seq_len:,}; use fewer or shorter samples or a longer text"
+            f"text has {ids.numel():,} tokens but {n_samples} samples x {span} tokens{with_bos} need "
+            f"{n_samples * span:,}; use fewer or shorter samples or a longer text"
         )
     g = torch.Generator().manual_seed(seed)
     gaps = torch.sort(torch.randint(0, slack + 1, (n_samples,), generator=g)).values
-    starts = gaps + torch.arange(n_samples) * seq_len
+    starts = gaps + torch.arange(n_samples) * span
     starts = starts[torch.randperm(n_samples, generator=g)]
-    index = starts[:, None] + torch.arange(seq_len)[None, :]
-    return ids[index]
+    index = starts[:, None] + torch.arange(span)[None, :]
+    if bos is None:
+        return ids[index]
+    return torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), ids[index]], dim=1)

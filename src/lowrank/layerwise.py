@@ -9,8 +9,11 @@ timings and checkpoints:
 
 With ``checkpoint_dir``, after every finished layer the layer's state (safetensors), the descriptions of
 its replacement modules and the records/timings so far are saved atomically. A restart with the same
-fingerprint (method config + calibration tokens + model) rebuilds the finished layers from disk,
-replays them to regenerate the next layer's inputs (cheaper than storing activations) and continues.
+fingerprint (method config, calibration tokens, model config and the weights outside the decoder layers)
+rebuilds the finished layers from disk, replays them to regenerate the next layer's inputs (cheaper than
+storing activations) and continues. Each record also holds the SHA-256 of the layer's weights before it
+was processed (a model whose weights changed is refused) and of its saved file (a missing or damaged
+file is recomputed, with every layer after it, never read as "unchanged").
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 Requests = Callable[[int, nn.Module], dict[str, StatRequest]]
 Process = Callable[[int, nn.Module, dict[str, Statistic]], dict[str, Any]]
-_FORMAT = 1
+_FORMAT = 2
 
 
 def fingerprint(*parts: Any) -> str:
@@ -60,6 +63,18 @@ def fingerprint(*parts: Any) -> str:
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, shapes, dtypes and values)."""
+    return fingerprint(*[part for k, v in sorted(module.state_dict().items()) for part in (k, v)])
+
+
+def outer_digest(model: nn.Module, layers: nn.ModuleList) -> str:
+    """SHA-256 of the parameters and buffers outside the decoder layers (embeddings, final norm, head)."""
+    inner = {id(t) for t in layers.state_dict(keep_vars=True).values()}
+    outer = [(k, v) for k, v in model.state_dict(keep_vars=True).items() if id(v) not in inner]
+    return fingerprint(*[part for k, v in sorted(outer, key=lambda kv: kv[0]) for part in (k, v)])
 
 
 def replacements_in(layer: nn.Module) -> dict[str, dict[str, Any]]:
@@ -84,11 +99,18 @@ class LayerCheckpoint:
         path = self.dir / "progress.json"
         if not path.exists():
             return [], {}
-        progress = json.loads(path.read_text())
+        try:
+            progress = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(progress, dict) or not isinstance(progress.get("records"), list):
+                raise ValueError("not a progress record")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(
+                f"{path}: damaged checkpoint progress file ({exc}); delete the directory to start afresh"
+            ) from None
         if progress.get("fingerprint") != self.key:
             raise ValueError(
                 f"checkpoint directory {str(self.dir)!r} belongs to a run with a different configuration, "
-                "calibration data or model; choose another directory or delete it"
+                "calibration data or model weights; choose another directory or delete it"
             )
         logger.info("resuming from %s: %d layer(s) already done", self.dir, len(progress["records"]))
         return progress["records"], progress.get("timings", {})
@@ -107,24 +129,37 @@ class LayerCheckpoint:
 
         if state:
             tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-            with atomic_path(self.dir / f"layer_{index:04d}.safetensors") as tmp:
+            with atomic_path(self.path(index)) as tmp:
                 save_file(tensors, str(tmp))
+                records[-1]["state_sha256"] = _file_sha256(tmp)
         write_json(
             self.dir / "progress.json",
             {"format": _FORMAT, "fingerprint": self.key, "records": records, "timings": timings.seconds},
         )
 
+    def path(self, index: int) -> Path:
+        return self.dir / f"layer_{index:04d}.safetensors"
+
+    def intact(self, index: int, record: dict[str, Any]) -> bool:
+        """Whether the saved state of a finished layer is present and unchanged (or none was saved)."""
+        expected = record.get("state_sha256")
+        if expected is None:  # a pass that did not change the layer
+            return True
+        path = self.path(index)
+        return path.is_file() and _file_sha256(path) == expected
+
     def restore(self, index: int, layer: nn.Module, record: dict[str, Any]) -> None:
         """Swap in the saved replacement modules and load the layer's saved state strictly."""
         from safetensors.torch import load_file
 
-        path = self.dir / f"layer_{index:04d}.safetensors"
-        if not path.exists():  # a pass that did not change the layer
+        if record.get("state_sha256") is None:
             return
         ref = next(layer.parameters())
         for name, desc in record.get("modules", {}).items():
-            replace_module(layer, name, build_replacement(desc, device=ref.device, dtype=ref.dtype))
-        state = load_file(str(path), device=str(ref.device))
+            original = layer.get_submodule(name)
+            module = build_replacement(desc, original=original, device=ref.device, dtype=ref.dtype)
+            replace_module(layer, name, module)
+        state = load_file(str(self.path(index)), device=str(ref.device))
         layer.load_state_dict(state, strict=True)
 
 
@@ -171,7 +206,11 @@ def run_layerwise(
     if checkpoint_dir is not None:
         config = getattr(model, "config", None)
         key = fingerprint(
-            run_key, bool(sequential), input_ids, config.to_dict() if config is not None else None
+            run_key,
+            bool(sequential),
+            input_ids,
+            config.to_dict() if config is not None else None,
+            outer_digest(model, layers),
         )
         ckpt = LayerCheckpoint(checkpoint_dir, key)
         records, saved = ckpt.load()
@@ -185,6 +224,18 @@ def run_layerwise(
     for i in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
         layer = layers[i].to(device)
         try:
+            source = state_digest(layer) if ckpt is not None else None
+            if i < done and records[i].get("source_sha256") != source:
+                raise ValueError(
+                    f"checkpoint directory {str(ckpt.dir)!r} was made from other weights "
+                    f"(layer {i} differs); "
+                    "choose another directory or delete it"
+                )
+            if i < done and not ckpt.intact(i, records[i]):
+                logger.warning(
+                    "checkpoint of layer %d is missing or damaged: recomputing from layer %d", i, i
+                )
+                done, records = i, records[:i]
             if i < done:
                 _replay(layer, i, inputs, records[i], ckpt, sequential, device, timings)
                 continue
@@ -201,6 +252,8 @@ def run_layerwise(
             del stats
             record["layer"] = i
             record["modules"] = replacements_in(layer)
+            if source is not None:
+                record["source_sha256"] = source
             if sequential:
                 run_layer(layer, i, inputs, device=device, write_outputs=True, timings=timings)
             records.append(record)
@@ -209,6 +262,14 @@ def run_layerwise(
         finally:
             layers[i].to(home)
     return records
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _replay(layer, index, inputs: LayerInputs, record, ckpt, sequential, device, timings) -> None:

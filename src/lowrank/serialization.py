@@ -4,17 +4,20 @@ Layout of a saved directory (written atomically as a whole):
 
 * ``model.safetensors``: the state dict (tied weights stored once);
 * ``config.json``: the base architecture's transformers config;
-* ``lowrank.json``: format version, every replaced module's class and shape spec (ranks), the method
-  config and the compression summary;
+* ``lowrank.json``: format version; every replaced module's class and shape spec (ranks), outer modules
+  before the modules nested in them; the ordered list of applied method configs (methods stack); the
+  installed KV-cache class; the compression summaries; and the size and SHA-256 of every file written;
 * tokenizer files when a tokenizer is given.
 
-Loading builds the base architecture with empty (meta) parameters, swaps in the registered replacement
-modules recorded in ``lowrank.json`` (``LowRankLinear`` and any module registered later), and loads the
-state dict strictly, so the rebuilt model computes exactly what the saved one did.
+Loading verifies the recorded sizes and checksums, builds the base architecture with empty (meta)
+parameters, swaps in the registered replacement modules (each receives the module it replaces and the
+model config), reinstalls the cache class, and loads the state dict strictly, so the rebuilt model
+computes exactly what the saved one did. Nothing from the directory is executed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,17 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.io import atomic_dir, write_json
+from lowrank.io import atomic_dir, check_output_dir, write_json
 from lowrank.nn import build_replacement, describe_replacement
-from lowrank.surgery import replace_module
+from lowrank.surgery import get_module, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_dir", "FORMAT_VERSION", "MANIFEST"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "lowrank.json"
 WEIGHTS = "model.safetensors"
+_CHUNK = 1 << 20
 
 
 def is_compressed_dir(path: str | Path) -> bool:
@@ -42,14 +46,12 @@ def is_compressed_dir(path: str | Path) -> bool:
 
 
 def _replaced_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(f + ".") for f in found):
-            continue
-        desc = describe_replacement(module)
-        if desc is not None:
-            found[name] = desc
-    return found
+    """Every registered replacement module, outer ones first (``named_modules`` order)."""
+    return {
+        name: desc
+        for name, module in model.named_modules()
+        if name and (desc := describe_replacement(module)) is not None
+    }
 
 
 def _state_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -65,47 +67,112 @@ def _state_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return state, ties
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
 def save_compressed(
-    model: nn.Module, out_dir: str | Path, *, tokenizer: Any = None, result: Any = None
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    result: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (a transformers causal LM, possibly with replaced modules) to ``out_dir``.
 
     Args:
         model: the (compressed) model; must have a transformers ``config``.
-        out_dir: target directory, replaced atomically if it exists.
+        out_dir: target directory: new, empty, or an earlier output of this toolkit (replaced atomically).
         tokenizer: optional tokenizer saved alongside.
-        result: optional ``CompressionResult``; its config and summary go into ``lowrank.json``.
+        result: a ``CompressionResult`` to record when the model's own record of applied methods is empty
+            (models compressed by :func:`lowrank.compress` carry theirs).
+        overwrite: also replace a non-empty directory this toolkit did not write.
 
     Returns:
         The directory path.
+
+    Raises:
+        ValueError: not a transformers model, or ``out_dir`` is unusable or holds a user's files.
     """
     from safetensors.torch import save_file
+
+    from lowrank.kv_cache import installed_cache
+    from lowrank.methods.base import applied_methods, applied_summaries
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(
             f"save_compressed needs a transformers model with a config; got {type(model).__name__}"
         )
+    out = check_output_dir(out_dir, overwrite=overwrite)
     state, ties = _state_without_ties(model)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
-    manifest = {
+    summaries = applied_summaries(model)
+    if result is not None and not summaries:  # a result not produced by lowrank.compress
+        summaries = [result.summary()]
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "modules": _replaced_modules(model),
         "tied": ties,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "attn_implementation": getattr(config, "_attn_implementation", None),
-        "method": None if result is None else result.config,
-        "summary": None if result is None else result.summary(),
+        "methods": applied_methods(model),
+        "cache": installed_cache(model),
+        "summaries": summaries,
     }
-    out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / "config.json", config.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        manifest["files"] = {
+            p.relative_to(tmp).as_posix(): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         write_json(tmp / MANIFEST, manifest)
     logger.info("saved compressed model (%d replaced modules) to %s", len(manifest["modules"]), out)
     return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The checked ``lowrank.json`` of a saved directory (one-line ``ValueError`` naming the file)."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file}: expected a JSON object; got {type(manifest).__name__}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this version reads {FORMAT_VERSION}; re-save the model with this version)"
+        )
+    for key, kind in (("modules", dict), ("tied", dict), ("methods", list), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(
+                f"{file}: field {key!r} must be a JSON {kind.__name__}; got {manifest.get(key)!r}"
+            )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every recorded file's size and SHA-256 (a one-line ``ValueError`` names the first bad file)."""
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file}: missing; the saved model is incomplete")
+        if not isinstance(expected, dict) or "size" not in expected or "sha256" not in expected:
+            raise ValueError(f"{path / MANIFEST}: malformed entry for {name!r}")
+        if file.stat().st_size != expected["size"] or file_digest(file)["sha256"] != expected["sha256"]:
+            raise ValueError(
+                f"{file}: size or SHA-256 differs from {MANIFEST}; the file is damaged or was changed"
+            )
 
 
 def load_compressed(
@@ -114,6 +181,7 @@ def load_compressed(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    verify: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Rebuild a model saved by :func:`save_compressed`; returns ``(model, tokenizer or None)``.
 
@@ -122,51 +190,79 @@ def load_compressed(
         device: where the model is placed.
         dtype: floating dtype of the parameters.
         attn_implementation: attention kernel (default: the one the saved model used, so logits match).
+        verify: check the recorded sizes and SHA-256 of every file first.
 
     Raises:
         FileNotFoundError: ``path`` holds no ``lowrank.json``.
-        ValueError: unsupported format version, or the weights do not fit the recorded modules.
+        ValueError: unsupported format, a damaged file, or weights that do not fit the recorded modules.
     """
-    from safetensors.torch import load_file
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lowrank.methods  # noqa: F401  (registers every method's replacement modules and cache classes)
+    from lowrank.kv_cache import install_cache
+    from lowrank.methods.base import set_applied_methods
 
     path = Path(path)
     if not is_compressed_dir(path):
         raise FileNotFoundError(f"{str(path)!r} is not a compressed model directory (no {MANIFEST})")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path / MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this version reads {FORMAT_VERSION})"
-        )
-    from accelerate import init_empty_weights
-
-    config = AutoConfig.from_pretrained(str(path))
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     # parameters on meta (no init cost), buffers (rotary frequencies, …) computed for real on CPU
     attn = attn_implementation or manifest.get("attn_implementation")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, **({"attn_implementation": attn} if attn else {})
+            config, dtype=dtype, trust_remote_code=False, **({"attn_implementation": attn} if attn else {})
         )
     for name, desc in manifest["modules"].items():
-        replace_module(model, name, build_replacement(desc, device="meta", dtype=dtype))
-    state = {
-        k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS)).items()
-    }
-    for dropped, kept in manifest.get("tied", {}).items():
-        state[dropped] = state[kept]
-    _load_state(model, state, path)
+        try:
+            original = get_module(model, name)
+        except ValueError:
+            raise ValueError(
+                f"{path / MANIFEST}: recorded module {name!r} does not exist in the model"
+            ) from None
+        module = build_replacement(desc, original=original, model_config=config, device="meta", dtype=dtype)
+        replace_module(model, name, module)
+    _load_state(model, _read_weights(path, dtype, manifest), path)
     model.to(device).eval()
+    set_applied_methods(model, manifest["methods"], manifest.get("summaries") or [])
+    if manifest.get("cache"):
+        install_cache(model, manifest["cache"]["class"], manifest["cache"].get("spec", {}))
     return model, _load_tokenizer(path)
 
 
+def _read_weights(path: Path, dtype: torch.dtype, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({exc})") from None
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    for dropped, kept in manifest["tied"].items():
+        if kept not in state:
+            raise ValueError(f"{path / MANIFEST}: tied tensor {dropped!r} points at missing {kept!r}")
+        state[dropped] = state[kept]
+    return state
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{path / WEIGHTS} does not fit the recorded architecture: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
+        )
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"{path / WEIGHTS}: tensor {k!r} has shape {tuple(state[k].shape)} but {MANIFEST} describes "
+            f"{tuple(expected[k].shape)} ({len(wrong)} mismatching tensor(s))"
         )
     model.load_state_dict(state, strict=True, assign=True)
     if "tie_word_embeddings" in model.config.to_dict() and model.config.tie_word_embeddings:
@@ -178,4 +274,4 @@ def _load_tokenizer(path: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

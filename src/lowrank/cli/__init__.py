@@ -2,7 +2,12 @@
 
 Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
 callable taking the parsed namespace and returning an exit code. Modules import heavy dependencies
-(torch, transformers) inside ``func`` so that ``lowrank --help`` stays instant.
+(torch, transformers) inside ``func`` so that ``lowrank --help`` stays instant; a module may also expose
+``add_derived_flags(parser)``, called only when its subcommand is the one being run (the method options
+are derived from the config classes, which needs torch).
+
+Anticipated failures (bad values, unusable files, interrupted runs) print one line and exit 2 (130 on
+Ctrl-C); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,20 +23,41 @@ __all__ = ["main", "build_parser"]
 SUBCOMMANDS = ("prepare", "evaluate", "compress", "demo", "bench")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` names the subcommand whose derived flags are added (None: none)."""
     parser = argparse.ArgumentParser(
         prog="lowrank",
         description="Make large language models cheaper by low-rank factorization.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"lowrank.cli.{name}").register(sub)
+        module = importlib.import_module(f"lowrank.cli.{name}")
+        module.register(sub)
+        if name == command and hasattr(module, "add_derived_flags"):
+            module.add_derived_flags(sub.choices[name])
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in SUBCOMMANDS), None)
+
+
+def _anticipated() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ValueError, OSError, KeyError, ArithmeticError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -39,13 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        # User errors are one line; tracebacks only with --verbose.
-        if args.verbose:
+    except KeyboardInterrupt:
+        if args.debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lowrank {args.command}: error: {msg}", file=sys.stderr)
+        print(
+            f"lowrank {args.command}: interrupted; finished layers are kept when --checkpoint-dir is given "
+            "(rerun the same command to resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except _anticipated() as exc:
+        if args.debug:
+            raise
+        print(f"lowrank {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing key {exc.args[0]!r}" if exc.args else "missing key"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["add_device_argument", "resolve_device", "format_table"]
+__all__ = ["add_device_argument", "add_model_arguments", "resolve_device", "format_table"]
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -51,3 +51,17 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     return "\n".join([line, sep, *body])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str = "smollm2-135m") -> None:
+    """``--model`` and ``--trust-remote-code``."""
+    parser.add_argument(
+        "--model",
+        default=default,
+        help=f"built-in name, model directory, .gguf file or hub id (default: {default})",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running Python code shipped inside the model directory (off by default)",
+    )

@@ -1,8 +1,10 @@
-"""``lowrank compress``: factorize a model's decoder linear layers and save the smaller model.
+"""``lowrank compress``: apply a compression method to a model and save the result.
 
-Flags mirror the fields of the method configs (``lowrank.methods``); ``--config cfg.json`` loads a
-serialized config and explicit flags override it. All logic lives in the library: this module only
-loads the model and calibration tokens, calls ``compress`` and ``save_compressed``, and prints.
+The method options are derived from the registered config classes (``lowrank.cli._flags``);
+``--config cfg.json`` loads a serialized config and explicit flags override it. All logic lives in the
+library: this module validates the output paths, loads the model and calibration tokens, calls
+``compress`` and ``save_compressed``, and prints. Applied to a model saved by this command, it stacks a
+further method on it (e.g. ``svd-llm`` on the MLP, then another method on attention).
 """
 
 from __future__ import annotations
@@ -12,196 +14,170 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lowrank.cli._common import add_device_argument, format_table
+from lowrank.cli._common import add_device_argument, add_model_arguments, format_table
 
-__all__ = ["register", "run", "summary_table"]
+__all__ = ["register", "add_derived_flags", "run", "summary_table", "read_config_file"]
 
-METHODS = ("svd", "svd-llm", "svd-llm-v2")
-ALLOCATIONS = ("greedy", "greedy_relative", "greedy_anchored", "log_inverse", "uniform")
-"""``lowrank.linalg.allocation.ALLOCATION_RULES``, spelled out so building the parser imports no torch."""
+DEFAULT_METHOD = "svd-llm-v2"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compress",
-        help="compress a model's linear layers into low-rank factors (SVD, SVD-LLM, SVD-LLM V2)",
+        help="compress a model with a registered method (svd, svd-llm, svd-llm-v2, …) and save it",
         description=(
-            "Replace the decoder linear layers of a model by low-rank factors and save the result as a "
-            "directory that 'lowrank evaluate --model DIR' loads. --ratio is the fraction of the targeted "
-            "linear layers' parameters REMOVED (SVD-LLM convention); --keep-singular-fraction is the "
-            "fraction of singular values kept (the rSVD paper's r). Give exactly one."
+            "Apply a compression method to a model and save the result as a directory that "
+            "'lowrank evaluate --model DIR' loads; applied to such a directory it stacks another method. "
+            "For the low-rank weight methods --ratio is the fraction of the targeted linear layers' "
+            "parameters REMOVED (SVD-LLM convention) and --keep-singular-fraction the fraction of singular "
+            "values KEPT (the rSVD paper's r); give one. 'lowrank compress --help' lists every method's "
+            "options."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="built-in model name or a model directory")
-    p.add_argument(
-        "--method", choices=METHODS, help="compression method (default: svd-llm-v2, or --config's)"
-    )
+    add_model_arguments(p)
+    p.add_argument("--method", help=f"compression method (default: {DEFAULT_METHOD}, or --config's)")
     p.add_argument("--config", help="JSON file with a method config (as in a saved model's lowrank.json)")
-    p.add_argument(
-        "--decomposer", choices=("svd", "rsvd", "auto"), help="truncated decomposition (default svd)"
-    )
-    p.add_argument("--oversample", type=int, help="rSVD oversampling p (extra random directions)")
-    p.add_argument("--power-iters", type=int, help="rSVD power iterations q")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, help="fraction of targeted linear parameters removed, in [0, 1)")
-    g.add_argument("--keep-singular-fraction", type=float, help="fraction of singular values kept, in (0, 1]")
-    p.add_argument("--calib-data", help="calibration corpus (default wiki)")
-    p.add_argument("--calib-samples", type=int, help="calibration sequences (default 64; anchors use 256)")
-    p.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512; anchors 2048)")
-    p.add_argument("--batch-size", type=int, help="sequences per calibration forward chunk (default 8)")
-    p.add_argument(
-        "--non-sequential",
-        action="store_true",
-        help="calibrate every layer on the ORIGINAL model's activations (default: sequential)",
-    )
-    p.add_argument(
-        "--truncation",
-        choices=("cholesky", "eigh", "projection"),
-        help="route to the loss minimiser (default: cholesky for svd-llm, eigh for svd-llm-v2)",
-    )
-    p.add_argument(
-        "--allocation",
-        choices=ALLOCATIONS,
-        help="svd-llm-v2 rank allocation rule within each group of same-type matrices (default uniform: "
-        "homogeneous ranks, no reallocation; see docs/compression.md for the measured comparison)",
-    )
-    p.add_argument(
-        "--gram-dtype", choices=("float64", "float32"), help="Gram accumulation dtype (default float64)"
-    )
-    p.add_argument(
-        "--compute-dtype", choices=("float64", "float32"), help="decomposition dtype (default float64)"
-    )
-    p.add_argument(
-        "--targets", nargs="+", help="modules to compress: name suffixes, 're:<regex>' or class names"
-    )
-    p.add_argument("--ignore", nargs="+", help="modules to skip (same syntax as --targets)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample draw (default 0)")
     p.add_argument("--checkpoint-dir", help="save after every layer; rerun with the same flags to resume")
-    p.add_argument("--out", help="directory to write the compressed model to")
+    p.add_argument("--out", help="directory to write the compressed model to (checked before any work)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --out to replace a non-empty directory that this toolkit did not write",
+    )
     p.add_argument("--json", help="write the summary as JSON to this file")
     add_device_argument(p)
     p.set_defaults(func=run)
 
 
-_FLAG_FIELDS = {
-    "ratio": "ratio",
-    "keep_singular_fraction": "keep_singular_fraction",
-    "calib_data": "calib_data",
-    "calib_samples": "calib_samples",
-    "seq_len": "seq_len",
-    "batch_size": "batch_size",
-    "truncation": "truncation",
-    "allocation": "allocation",
-    "gram_dtype": "gram_dtype",
-    "compute_dtype": "compute_dtype",
-    "targets": "targets",
-    "ignore": "ignore",
+def add_derived_flags(parser: argparse.ArgumentParser) -> None:
+    """Add every registered method's options (imports the methods, hence torch: only when needed)."""
+    from lowrank.cli._flags import add_method_flags
+    from lowrank.methods import config_class, method_names
+
+    names = method_names()
+    for action in parser._actions:
+        if action.dest == "method":
+            action.choices = names
+            action.help += f"; one of: {', '.join(names)}"
+    specs = add_method_flags(parser, {name: config_class(name) for name in names})
+    parser.set_defaults(flag_specs=specs)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (one-line errors for a missing, unreadable or malformed file)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--config {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"--config {path}: expected a JSON object with a 'method' key; got {type(data).__name__}"
+        )
+    return data
+
+
+def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None, default: str = DEFAULT_METHOD):
+    """The method config: ``base`` (command defaults), then ``--config``, then the explicit flags."""
+    from lowrank.cli._flags import config_from_args
+
+    data = dict(base or {})
+    if getattr(args, "config", None):
+        data = read_config_file(args.config)
+    method = args.method or data.get("method") or default
+    if data.get("method") not in (None, method):  # --method overrides the file's: keep the shared fields
+        import dataclasses
+
+        from lowrank.methods import config_class
+
+        known = {f.name for f in dataclasses.fields(config_class(method))}
+        data = {k: v for k, v in data.items() if k in known}
+    return config_from_args(args, args.flag_specs, method, {k: v for k, v in data.items() if k != "method"})
+
+
+def _label(value: Any) -> Any:
+    if isinstance(value, dict) and "name" in value:  # a decomposer
+        if value["name"] == "svd":
+            return "svd (exact)"
+        p, q = value.get("oversample"), value.get("power_iters")
+        return f"{value['name']} (oversample p={p}, power iterations q={q})"
+    if isinstance(value, list):
+        return len(value)
+    return "-" if value is None else value
+
+
+#: labels of the detail keys of the low-rank methods (other keys are shown by name)
+_DETAIL_LABELS = {
+    "ratio_target": "ratio target (fraction of targeted linear params REMOVED)",
+    "ratio_params_removed": "ratio achieved (fraction of targeted linear params REMOVED)",
+    "keep_singular_fraction_target": "keep-singular-fraction target (fraction of singular values KEPT)",
+    "keep_singular_fraction": "keep-singular-fraction achieved (Σ ranks / Σ min(m, n))",
+    "linear_parameters_before": "targeted linear params before",
+    "linear_parameters_after": "targeted linear params after",
+    "dense_kept": "dense-kept modules (factors would not be smaller)",
 }
 
 
-def build_config(args: argparse.Namespace) -> Any:
-    """The method config from ``--config`` (if any) overridden by the explicit flags."""
-    from lowrank.methods import config_from_dict
-
-    data: dict[str, Any] = {}
-    if args.config:
-        data = json.loads(Path(args.config).read_text())
-    data["method"] = args.method or data.get("method") or "svd-llm-v2"
-    if args.ratio is not None or args.keep_singular_fraction is not None:
-        data.pop("ratio", None)
-        data.pop("keep_singular_fraction", None)
-    for flag, name in _FLAG_FIELDS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            data[name] = value
-    if args.non_sequential:
-        data["sequential"] = False
-    dec = data.get("decomposer", "svd")
-    dec = {"name": dec} if isinstance(dec, str) else dict(dec)
-    if args.decomposer:
-        dec["name"] = args.decomposer
-    for flag in ("oversample", "power_iters"):
-        if getattr(args, flag) is not None:
-            dec[flag] = getattr(args, flag)
-    data["decomposer"] = dec
-    if data["method"] == "svd":
-        for key in (
-            "calib_data",
-            "calib_samples",
-            "seq_len",
-            "batch_size",
-            "truncation",
-            "allocation",
-            "gram_dtype",
-            "sequential",
-        ):
-            data.pop(key, None)
-    elif data["method"] == "svd-llm":
-        data.pop("allocation", None)
-    return config_from_dict(data)
-
-
-def _decomposer_label(dec: dict[str, Any]) -> str:
-    name = dec.get("name", "?")
-    if name == "svd":
-        return "svd (exact)"
-    return f"{name} (oversample p={dec.get('oversample')}, power iterations q={dec.get('power_iters')})"
-
-
 def summary_table(result: Any) -> str:
-    """Human-readable summary: both ratio conventions, parameters, dense-kept modules, times, fallbacks."""
-    t = result.timings
+    """Human-readable summary: the common core, the method's details (both ratio conventions), times."""
+    kv = (result.kv_bytes_per_token_before, result.kv_bytes_per_token_after)
     rows = [
         ("method", result.method),
-        ("decomposer", _decomposer_label(result.decomposer or {})),
-        ("ratio target (fraction of targeted linear params REMOVED)", result.ratio_target or "-"),
-        ("ratio achieved (fraction of targeted linear params REMOVED)", result.ratio_params_removed),
-        (
-            "keep-singular-fraction target (fraction of singular values KEPT)",
-            result.keep_singular_fraction_target or "-",
-        ),
-        ("keep-singular-fraction achieved (Σ ranks / Σ min(m, n))", result.keep_singular_fraction),
-        (
-            "targeted linear params before → after",
-            f"{result.linear_parameters_before:,} → {result.linear_parameters_after:,}",
+        *(
+            (_DETAIL_LABELS.get(k, k.replace("_", " ")), _label(v))
+            for k, v in result.details.items()
+            if not isinstance(v, dict) or "name" in v
         ),
         ("whole-model params before → after", f"{result.parameters_before:,} → {result.parameters_after:,}"),
-        ("whole-model params kept", round(result.parameters_after / result.parameters_before, 4)),
+        ("whole-model params kept", round(result.parameters_after / max(result.parameters_before, 1), 4)),
+        ("weight bytes before → after", f"{result.weight_bytes_before:,} → {result.weight_bytes_after:,}"),
+        ("KV-cache bytes / token before → after", " → ".join("-" if v is None else f"{v:,.0f}" for v in kv)),
         ("calibration tokens", result.calibration_tokens),
-        ("dense-kept modules", len(result.dense_kept)),
         ("whitening fallbacks (non-PD Gram → eigh + pinv)", result.fallbacks),
-        *((f"time {stage} (s)", seconds) for stage, seconds in t.items()),
+        *((f"time {stage} (s)", seconds) for stage, seconds in result.timings.items()),
     ]
     text = format_table(rows, ["quantity", "value"])
-    if result.dense_kept:
-        text += "\nkept dense (factors would not be smaller): " + ", ".join(result.dense_kept)
+    dense = result.details.get("dense_kept") or []
+    if dense:
+        text += "\nkept dense (factors would not be smaller): " + ", ".join(dense)
     if result.fallbacks:
         text += "\nwhitening fallbacks: " + ", ".join(result.fallback_modules)
     return text
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unusable or unsafe output paths before any work (one line each)."""
+    from lowrank.io import check_output_dir, check_output_file
+
+    source = Path(args.model).expanduser()
+    if args.out:
+        check_output_dir(args.out, overwrite=args.overwrite, protected=[source] if source.exists() else [])
+    if args.json:
+        check_output_file(args.json)
+    if args.checkpoint_dir:
+        check_output_dir(args.checkpoint_dir, overwrite=True, protected=[source] if source.exists() else [])
 
 
 def run(args: argparse.Namespace) -> int:
     import lowrank
     from lowrank.cli._common import resolve_device
     from lowrank.io import write_json
-    from lowrank.methods import CalibratedConfig, compress
+    from lowrank.methods import compress
+    from lowrank.pipeline import calibration_tokens
     from lowrank.serialization import save_compressed
 
     config = build_config(args)
+    check_outputs(args)
     device = resolve_device(args.device)
-    model, tokenizer = lowrank.load_model(args.model)
-    calibration = None
-    if isinstance(config, CalibratedConfig):
-        text = lowrank.load_text(config.calib_data, "calibration")
-        calibration = lowrank.calibration_batches(
-            tokenizer, text, config.calib_samples, config.seq_len, seed=args.seed
-        )
+    model, tokenizer = lowrank.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    calibration = calibration_tokens(config.calibration, tokenizer) if config.calibrated else None
     result = compress(
         model, config, calibration=calibration, device=device, checkpoint_dir=args.checkpoint_dir
     )
     print(summary_table(result))
     if args.out:
-        save_compressed(model, args.out, tokenizer=tokenizer, result=result)
+        save_compressed(model, args.out, tokenizer=tokenizer, result=result, overwrite=args.overwrite)
         print(f"saved to {args.out}")
     if args.json:
         write_json(args.json, {"model": args.model, **result.summary()})

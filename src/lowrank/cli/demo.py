@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from lowrank.cli._common import add_device_argument, format_table, resolve_device
+from lowrank.cli._common import add_device_argument, add_model_arguments, format_table, resolve_device
 
 __all__ = ["register", "run", "comparison_rows"]
 
@@ -31,39 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "fraction of the targeted linear layers' parameters REMOVED (SVD-LLM convention)."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="model to compress (default: smollm2-135m)")
+    add_model_arguments(p)
     p.add_argument(
-        "--method",
-        default="svd-llm-v2",
-        choices=("svd", "svd-llm", "svd-llm-v2"),
-        help="compression method (default: svd-llm-v2)",
+        "--method", help=f"compression method (default: {DEFAULT_METHOD}); its options are listed below"
     )
-    p.add_argument(
-        "--decomposer",
-        default="rsvd",
-        choices=("svd", "rsvd", "auto"),
-        help="truncated decomposition: exact svd, randomized rsvd, or auto by rank (default: rsvd)",
-    )
-    p.add_argument("--oversample", type=int, default=10, help="rSVD oversampling p (default: 10)")
-    p.add_argument("--power-iters", type=int, default=2, help="rSVD power iterations q (default: 2)")
-    p.add_argument(
-        "--ratio",
-        type=float,
-        default=0.2,
-        help="fraction of targeted linear parameters REMOVED, in [0, 1) (default: 0.2)",
-    )
-    p.add_argument("--calib-data", default="wiki", help="calibration corpus (default: wiki)")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: 64)")
-    p.add_argument(
-        "--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)"
-    )
+    p.add_argument("--config", help="JSON file with a method config (as in a saved model's lowrank.json)")
     p.add_argument("--data", default="wiki", help="evaluation corpus, split 'test' (default: wiki)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
     p.add_argument(
         "--max-windows",
-        type=int,
+        type=_windows,
         default=32,
-        help="perplexity windows evaluated before and after (default: 32; 0 = the whole split)",
+        help="perplexity windows evaluated before and after: N >= 1 (default: 32), or 'all' for the "
+        "whole split",
     )
     p.add_argument("--prompt-len", type=int, default=128, help="throughput: prompt tokens (default: 128)")
     p.add_argument("--gen-len", type=int, default=64, help="throughput: decoded tokens (default: 64)")
@@ -77,7 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default="out/demo",
-        help="directory the compressed model is saved to (default: out/demo)",
+        help="directory the compressed model is saved to (default: out/demo; checked before any work)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --out to replace a non-empty directory that this toolkit did not write",
     )
     p.add_argument("--checkpoint-dir", help="save after every layer; rerun with the same flags to resume")
     p.add_argument("--json", metavar="PATH", help="write both reports and the compression summary as JSON")
@@ -85,21 +70,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace):
-    from lowrank.methods import config_from_dict
+#: the demo's recipe; flags and --config override it
+DEFAULT_METHOD = "svd-llm-v2"
+RECIPE = {"ratio": 0.2, "decomposer": {"name": "rsvd", "oversample": 10, "power_iters": 2}}
 
-    data: dict[str, Any] = {
-        "method": args.method,
-        "ratio": args.ratio,
-        "decomposer": {
-            "name": args.decomposer,
-            "oversample": args.oversample,
-            "power_iters": args.power_iters,
-        },
-    }
-    if args.method != "svd":
-        data.update(calib_data=args.calib_data, calib_samples=args.calib_samples, seq_len=args.calib_seq_len)
-    return config_from_dict(data)
+
+def _windows(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'all'; got {value!r}")
+    return n
+
+
+def add_derived_flags(parser: argparse.ArgumentParser) -> None:
+    """The method options, as in ``lowrank compress``."""
+    from lowrank.cli.compress import add_derived_flags as add
+
+    add(parser)
 
 
 def _ratio(after: Any, before: Any) -> str:
@@ -135,31 +127,30 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import lowrank
-    from lowrank.cli.compress import summary_table
+    from lowrank.cli.compress import build_config, check_outputs, summary_table
     from lowrank.data import tokenize
     from lowrank.evaluation import paired_throughput
     from lowrank.evaluation.report import evaluate_model
     from lowrank.io import write_json
-    from lowrank.methods import CalibratedConfig, compress
+    from lowrank.methods import compress
+    from lowrank.pipeline import calibration_tokens
     from lowrank.serialization import save_compressed
 
-    if args.max_windows is not None and args.max_windows < 0:
-        raise ValueError(f"--max-windows must be >= 0 (0 = whole split); got {args.max_windows}")
-    config = _config(args)  # validate every flag before the slow steps
+    config = build_config(args, RECIPE, DEFAULT_METHOD)  # validate every flag and path before the slow steps
+    check_outputs(args)
     device = resolve_device(args.device)
-    max_windows = args.max_windows or None
-    eval_kwargs = dict(seq_len=args.seq_len, max_windows=max_windows)
+    eval_kwargs = dict(seq_len=args.seq_len, max_windows=args.max_windows)
+    load = dict(device=device, trust_remote_code=args.trust_remote_code)
+    details = config.to_dict()
+    recipe = f"{config.method} + {details.get('decomposer', {}).get('name', '-')}"
 
-    model, tokenizer = lowrank.load_model(args.model, device=device)
+    model, tokenizer = lowrank.load_model(args.model, **load)
     eval_ids = tokenize(tokenizer, lowrank.load_text(args.data, "test"))
     print(f"[1/5] perplexity and memory of the original {args.model} on {args.data}/test")
     before = evaluate_model(model, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)
 
-    print(f"[2/5] compressing with {args.method} + {args.decomposer}, ratio {args.ratio} removed")
-    calibration = None
-    if isinstance(config, CalibratedConfig):
-        text = lowrank.load_text(config.calib_data, "calibration")
-        calibration = lowrank.calibration_batches(tokenizer, text, config.calib_samples, config.seq_len)
+    print(f"[2/5] compressing with {recipe}, ratio {details.get('ratio')} removed")
+    calibration = calibration_tokens(config.calibration, tokenizer) if config.calibrated else None
     start = time.perf_counter()
     result = compress(
         model, config, calibration=calibration, device=device, checkpoint_dir=args.checkpoint_dir
@@ -168,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(result))
 
     print(f"[3/5] saving to {args.out} and loading it back")
-    save_compressed(model, args.out, tokenizer=tokenizer, result=result)
+    save_compressed(model, args.out, tokenizer=tokenizer, result=result, overwrite=args.overwrite)
     del model
     compressed, _ = lowrank.load_model(args.out, device=device)
 
@@ -176,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     after = evaluate_model(compressed, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)
 
     print("[5/5] throughput of both models, runs interleaved")
-    original, _ = lowrank.load_model(args.model, device=device)
+    original, _ = lowrank.load_model(args.model, **load)
     workload = {"prompt_len": args.prompt_len, "gen_len": args.gen_len}
     speed = paired_throughput({"before": original, "after": compressed}, repeats=args.repeats, **workload)
     for report, key in ((before, "before"), (after, "after")):
@@ -190,10 +181,12 @@ def run(args: argparse.Namespace) -> int:
     fmt = {"data": args.data, "windows": before["windows"], "seq_len": args.seq_len, **workload}
     rows = comparison_rows(before, after, fmt)
     rows.append(("compression time (s)", "-", round(compress_seconds, 1), "-"))
+    achieved = result.details
     print(
-        f"\n{args.model}: {args.method} + {args.decomposer}, ratio {args.ratio} "
-        f"(fraction of decoder linear parameters REMOVED; achieved {result.ratio_params_removed:.4f}, "
-        f"keep_singular_fraction {result.keep_singular_fraction:.4f}) on {before['device']}, "
+        f"\n{args.model}: {recipe}, ratio {details.get('ratio')} "
+        "(fraction of decoder linear parameters REMOVED; "
+        f"achieved {achieved.get('ratio_params_removed', 0):.4f}, "
+        f"keep_singular_fraction {achieved.get('keep_singular_fraction', 0):.4f}) on {before['device']}, "
         f"torch {torch.__version__}"
     )
     print(format_table(rows, headers=("metric", "original", "compressed", "compressed / original")))

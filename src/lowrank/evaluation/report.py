@@ -22,10 +22,12 @@ _ROWS = (
     ("nll", "mean NLL (nats/token)"),
     ("tokens_evaluated", "tokens evaluated"),
     ("windows", "windows x seq_len"),
+    ("bos", "BOS at window start"),
     ("parameters", "parameters"),
     ("decoder_linear_parameters", "decoder linear parameters"),
     ("weight_bytes", "weight bytes"),
     ("kv_cache_bytes_per_token", "KV-cache bytes / token (measured)"),
+    ("kv_cache_class", "KV-cache class"),
     ("prefill_tokens_per_s", "prefill tokens/s"),
     ("decode_tokens_per_s", "decode tokens/s"),
     ("peak_memory_bytes", "peak memory bytes"),
@@ -40,6 +42,7 @@ def evaluate_model(
     seq_len: int = 512,
     max_windows: int | None = None,
     batch_size: int = 1,
+    add_bos: bool | None = None,
     run_throughput: bool = True,
     prompt_len: int = 128,
     gen_len: int = 64,
@@ -53,15 +56,15 @@ def evaluate_model(
         model: causal LM, already on its device and in eval mode.
         tokenizer: its tokenizer (unused when ``text`` is token ids).
         text: evaluation text or token ids ``(N,)``.
-        seq_len, max_windows, batch_size: passed to :func:`lowrank.evaluation.perplexity`.
+        seq_len, max_windows, batch_size, add_bos: passed to :func:`lowrank.evaluation.perplexity`.
         run_throughput: measure prefill/decode speed (keys are ``None`` otherwise).
         prompt_len, gen_len, repeats: passed to :func:`lowrank.evaluation.throughput` (batch size 1).
         kv_tokens: prompt length of the forward pass whose cache :func:`memory_report` measures.
         progress: show progress bars.
 
     Returns:
-        Keys ``perplexity, nll, tokens_evaluated, windows, seq_len, parameters,
-        decoder_linear_parameters, weight_bytes, buffer_bytes, kv_cache_bytes_per_token,
+        Keys ``perplexity, nll, tokens_evaluated, windows, seq_len, bos, parameters,
+        decoder_linear_parameters, weight_bytes, buffer_bytes, kv_cache_bytes_per_token, kv_cache_class,
         prefill_tokens_per_s, decode_tokens_per_s, peak_memory_bytes, peak_memory_kind, device, dtype,
         eval_seconds`` and the throughput workload.
     """
@@ -74,6 +77,7 @@ def evaluate_model(
         seq_len=seq_len,
         max_windows=max_windows,
         batch_size=batch_size,
+        add_bos=add_bos,
         progress=progress,
     )
     report: dict[str, Any] = {**ppl.to_dict(), **memory_report(model, tokens=kv_tokens).to_dict()}
@@ -112,6 +116,8 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
         value = report.get(key)
         if key == "windows" and value is not None:
             value = f"{value} x {report.get('seq_len')}"
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
         if key == "peak_memory_bytes" and value is not None:
             label = f"{label} ({report.get('peak_memory_kind')})"
         rows.append((label, "-" if value is None else value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -9,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from lowrank.kv_cache import cache_argument, make_cache
 
 __all__ = ["ThroughputResult", "throughput", "paired_throughput"]
 
@@ -23,6 +26,8 @@ class ThroughputResult:
     """batch_size x prompt_len / prefill time."""
     decode_tokens_per_s: float
     """batch_size x gen_len / decode time (one token per step, greedy, reusing the KV cache)."""
+    cache_class: str
+    """Class of the KV cache the runs filled (:func:`lowrank.kv_cache.make_cache`)."""
     prefill_seconds: float
     decode_seconds: float
     batch_size: int
@@ -68,20 +73,36 @@ def _rss_peak_bytes() -> int | None:
 
 @torch.inference_mode()
 def _one_run(model, prompt: torch.Tensor, gen_len: int, device: torch.device) -> tuple[float, float]:
+    cache, name = make_cache(model), cache_argument(model)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **{name: cache})
     next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     t1 = time.perf_counter()
-    cache = out.past_key_values
-    for _ in range(gen_len):
-        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+    for _ in range(gen_len):  # the cache is filled in place
+        out = model(input_ids=next_ids, use_cache=True, **{name: cache})
         next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
+
+
+def _check_workload(model, batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
+    if min(batch_size, prompt_len, gen_len, repeats) < 1 or warmup < 0:
+        raise ValueError(
+            f"need batch_size, prompt_len, gen_len, repeats >= 1 and warmup >= 0; got "
+            f"{batch_size}, {prompt_len}, {gen_len}, {repeats}, {warmup}"
+        )
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_len + gen_len > limit:
+        raise ValueError(
+            f"prompt_len + gen_len = {prompt_len} + {gen_len} = {prompt_len + gen_len} exceeds the model's "
+            f"max_position_embeddings={limit}; use a total of at most {limit}"
+        )
 
 
 def throughput(
@@ -99,8 +120,10 @@ def throughput(
     """Measure prefill and greedy-decode throughput on random prompts.
 
     Each run feeds a ``(batch_size, prompt_len)`` prompt once (prefill), then decodes ``gen_len`` tokens
-    one step at a time through the returned cache. The device is synchronised around each timed phase;
-    ``warmup`` untimed runs come first and the median of ``repeats`` timed runs is reported.
+    one step at a time through the same cache, a fresh :func:`lowrank.kv_cache.make_cache` per run (the
+    model's installed cache class, else ``DynamicCache``), passed by keyword. The device is synchronised
+    around each timed phase; ``warmup`` untimed runs come first and the median of ``repeats`` timed runs is
+    reported.
 
     Args:
         model: causal LM (moved nowhere: it must already be on ``device``).
@@ -113,12 +136,12 @@ def throughput(
 
     Returns:
         :class:`ThroughputResult`.
+
+    Raises:
+        ValueError: a size below its minimum, or ``prompt_len + gen_len`` above the model's
+            ``max_position_embeddings`` (checked before any compute).
     """
-    if min(batch_size, prompt_len, gen_len, repeats) < 1 or warmup < 0:
-        raise ValueError(
-            f"need batch_size, prompt_len, gen_len, repeats >= 1 and warmup >= 0; got "
-            f"{batch_size}, {prompt_len}, {gen_len}, {repeats}, {warmup}"
-        )
+    _check_workload(model, batch_size, prompt_len, gen_len, repeats, warmup)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(seed)
@@ -144,6 +167,7 @@ def throughput(
     return ThroughputResult(
         prefill_tokens_per_s=batch_size * prompt_len / prefill,
         decode_tokens_per_s=batch_size * gen_len / decode,
+        cache_class=type(make_cache(model)).__name__,
         prefill_seconds=prefill,
         decode_seconds=decode,
         batch_size=batch_size,
@@ -181,6 +205,10 @@ def paired_throughput(
     """
     if repeats < 1 or not models:
         raise ValueError(f"need at least one model and repeats >= 1; got {len(models)} model(s), {repeats}")
+    defaults = inspect.signature(throughput).parameters
+    shape = {k: workload.get(k, defaults[k].default) for k in ("batch_size", "prompt_len", "gen_len")}
+    for model in models.values():  # every model's workload is valid before any of them runs
+        _check_workload(model, **shape, repeats=repeats, warmup=0)
     for model in models.values():
         throughput(model, warmup=0, repeats=1, progress=False, **workload)
     runs: dict[str, list[ThroughputResult]] = {name: [] for name in models}
@@ -196,6 +224,7 @@ def paired_throughput(
         out[name] = ThroughputResult(
             prefill_tokens_per_s=first.batch_size * first.prompt_len / prefill,
             decode_tokens_per_s=first.batch_size * first.gen_len / decode,
+            cache_class=first.cache_class,
             prefill_seconds=prefill,
             decode_seconds=decode,
             batch_size=first.batch_size,

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-__all__ = ["check_matrix", "check_rank", "compute_dtype", "sketch_size"]
+__all__ = ["check_matrix", "check_rank", "compute_dtype", "sketch_size", "to_input_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,25 @@ def check_nonnegative(name: str, value: object) -> int:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16/bfloat16 inputs are computed in float32; float32/float64 in their own precision."""
     return torch.float32 if dtype in _HALF else dtype
+
+
+def to_input_dtype(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cast ``(U, S, Vh)`` computed in float32 back to the input ``dtype``.
+
+    Singular values of a float16/bfloat16 matrix can exceed the dtype's range (σ₁ of an m × n matrix
+    reaches √(mn)·max|a|); such a result is refused with ``ValueError`` instead of returning ``inf``
+    (``U`` and ``Vh`` are orthonormal and always fit). Checked for half dtypes only (one synchronisation).
+    """
+    if dtype in _HALF and S.numel() > 0:
+        top = float(S.abs().max())
+        if not top <= torch.finfo(dtype).max:
+            raise ValueError(
+                f"singular values up to {top:.3g} exceed the {str(dtype).removeprefix('torch.')} range "
+                f"(max {torch.finfo(dtype).max:.3g}); pass the matrix as float32 (A.float())"
+            )
+    return U.to(dtype), S.to(dtype), Vh.to(dtype)
 
 
 def sketch_size(rank: int, oversample: int, m: int, n: int) -> int:

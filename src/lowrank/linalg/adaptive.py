@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from lowrank.linalg._checks import check_matrix, check_nonnegative, check_rank, compute_dtype
+from lowrank.linalg._checks import check_matrix, check_nonnegative, check_rank, compute_dtype, to_input_dtype
 from lowrank.linalg._kernels import cholesky_qr2, householder_qr, record_fallback
 from lowrank.linalg.rsvd import _orth_step, finish, gaussian, make_generator, use_householder
 
@@ -113,7 +113,8 @@ def rank_by_tolerance(
     """Truncated SVD with the smallest rank whose estimated relative error is <= ``tol``.
 
     Args:
-        A: ``(..., m, n)`` floating tensor; float16/bfloat16 are computed in float32.
+        A: ``(..., m, n)`` floating tensor; float16/bfloat16 are computed in float32
+            (``ValueError`` when a singular value exceeds the input dtype's range).
         tol: target relative Frobenius error ``‖A − U S Vh‖_F / ‖A‖_F`` in (0, 1).
         max_rank: largest rank allowed (default ``min(m, n)``); when the tolerance cannot be met within it
             the result has rank ``max_rank`` and a warning gives the estimated error.
@@ -163,4 +164,4 @@ def rank_by_tolerance(
     logger.debug(
         "rank_by_tolerance: rank %d of %d drawn in %d blocks, est. error %.3g", r, k, basis.blocks, est
     )
-    return U[..., :r].to(A.dtype), S[..., :r].to(A.dtype), Vh[..., :r, :].to(A.dtype)
+    return to_input_dtype(U[..., :r], S[..., :r], Vh[..., :r, :], A.dtype)

@@ -47,6 +47,8 @@ __all__ = [
     "keep_fraction_for_rank",
     "break_even_rank",
     "saves_parameters",
+    "dense_parameters",
+    "factored_parameters",
     "allocate_ranks",
 ]
 
@@ -56,6 +58,16 @@ ALLOCATION_RULES = ("greedy", "greedy_relative", "greedy_anchored", "log_inverse
 def _check_shape(m: int, n: int) -> None:
     if m < 1 or n < 1:
         raise ValueError(f"matrix shape must be positive; got {m} × {n}")
+
+
+def dense_parameters(out_features: int, in_features: int, bias: bool = False) -> int:
+    """Parameters of a dense ``out × in`` matrix (plus an optional bias): the one formula every count uses."""
+    return out_features * in_features + (out_features if bias else 0)
+
+
+def factored_parameters(out_features: int, in_features: int, rank: int, bias: bool = False) -> int:
+    """Parameters of rank-``rank`` factors ``(out × rank)(rank × in)`` (plus an optional bias)."""
+    return rank * (out_features + in_features) + (out_features if bias else 0)
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
@@ -77,7 +89,7 @@ def rank_for_keep_fraction(m: int, n: int, keep_fraction: float) -> int:
 def ratio_for_rank(m: int, n: int, rank: int) -> float:
     """Fraction of parameters removed by rank ``rank`` factors (negative when they are larger)."""
     _check_shape(m, n)
-    return 1.0 - rank * (m + n) / (m * n)
+    return 1.0 - factored_parameters(m, n, rank) / dense_parameters(m, n)
 
 
 def keep_fraction_for_rank(m: int, n: int, rank: int) -> float:
@@ -94,7 +106,7 @@ def break_even_rank(m: int, n: int) -> int:
 
 def saves_parameters(m: int, n: int, rank: int) -> bool:
     """Whether rank-``rank`` factors hold strictly fewer parameters than the dense m × n matrix."""
-    return rank * (m + n) < m * n
+    return factored_parameters(m, n, rank) < dense_parameters(m, n)
 
 
 def _greedy(gains: Sequence[torch.Tensor], lo: list[int], hi: list[int], extra: int) -> list[int]:

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from lowrank.linalg._checks import check_matrix, check_rank, compute_dtype
+from lowrank.linalg._checks import check_matrix, check_rank, compute_dtype, to_input_dtype
 from lowrank.linalg._kernels import FALLBACKS
 
 __all__ = ["truncated_svd", "EXACT_METHODS"]
@@ -53,7 +53,8 @@ def truncated_svd(
     """Exact top-``rank`` SVD ``A ≈ U diag(S) Vh`` (Eckart–Young optimal truncation).
 
     Args:
-        A: ``(..., m, n)`` floating tensor on any device; float16/bfloat16 are computed in float32.
+        A: ``(..., m, n)`` floating tensor on any device; float16/bfloat16 are computed in float32
+            (``ValueError`` when a singular value exceeds the input dtype's range).
         rank: ``1 <= rank <= min(m, n)``.
         method: ``"auto"`` (Gram + float64 ``eigh`` when accurate for the smallest retained σ, else
             ``torch.linalg.svd``), ``"gram"`` (same, the check still guards it) or ``"svd"``.
@@ -83,4 +84,4 @@ def truncated_svd(
                 tuple(A.shape),
             )
             U, S, Vh = _svd(X, rank)
-    return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
+    return to_input_dtype(U, S, Vh, A.dtype)

@@ -22,7 +22,14 @@ import math
 
 import torch
 
-from lowrank.linalg._checks import check_matrix, check_nonnegative, check_rank, compute_dtype, sketch_size
+from lowrank.linalg._checks import (
+    check_matrix,
+    check_nonnegative,
+    check_rank,
+    compute_dtype,
+    sketch_size,
+    to_input_dtype,
+)
 from lowrank.linalg._kernels import cholesky_qr2, householder_qr
 from lowrank.linalg.rsvd import _orth_step, finish, gaussian, use_householder
 
@@ -88,7 +95,8 @@ def block_krylov_svd(
     """Approximate top-``rank`` SVD from a randomized block Krylov space.
 
     Args:
-        A: ``(..., m, n)`` floating tensor; float16/bfloat16 are computed in float32.
+        A: ``(..., m, n)`` floating tensor; float16/bfloat16 are computed in float32
+            (``ValueError`` when a singular value exceeds the input dtype's range).
         rank: ``1 <= rank <= min(m, n)``.
         block_size: columns per block ``b``; None uses :func:`default_block_size` ``(rank, oversample)``.
             The space has ``(depth + 1)·b`` columns, clamped to ``min(m, n)`` by shrinking ``b`` (logged
@@ -128,4 +136,4 @@ def block_krylov_svd(
         Omega, depth = gaussian(n, sketch_size(rank, oversample, m, n), X, generator, seed), 0
     hh = use_householder(orth, X.device)
     U, S, Vh = finish(X, rank, lambda h: krylov_basis(X, Omega, depth, householder=h), hh)
-    return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
+    return to_input_dtype(U, S, Vh, A.dtype)

@@ -24,7 +24,14 @@ from collections.abc import Callable
 
 import torch
 
-from lowrank.linalg._checks import check_matrix, check_nonnegative, check_rank, compute_dtype, sketch_size
+from lowrank.linalg._checks import (
+    check_matrix,
+    check_nonnegative,
+    check_rank,
+    compute_dtype,
+    sketch_size,
+    to_input_dtype,
+)
 from lowrank.linalg._kernels import cholesky_qr, cholesky_qr2, gram_svd, householder_qr, record_fallback
 
 __all__ = [
@@ -177,7 +184,8 @@ def randomized_svd(
     """Approximate top-``rank`` SVD ``A ≈ U diag(S) Vh`` by randomized range finding.
 
     Args:
-        A: ``(..., m, n)`` floating tensor on any device; float16/bfloat16 are computed in float32.
+        A: ``(..., m, n)`` floating tensor on any device; float16/bfloat16 are computed in float32
+            (``ValueError`` when a singular value exceeds the input dtype's range).
         rank: number of singular triplets, ``1 <= rank <= min(m, n)``.
         oversample: extra sketch columns ``p >= 0``; ``rank + p`` is clamped to ``min(m, n)`` (logged at
             debug level: the sketch then spans the whole range and the result is exact up to rounding).
@@ -206,4 +214,4 @@ def randomized_svd(
     Omega = gaussian(n, k, X, generator, seed)
     hh = use_householder(orth, X.device)
     U, S, Vh = finish(X, rank, lambda h: range_finder(X, Omega, power_iters, householder=h), hh)
-    return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
+    return to_input_dtype(U, S, Vh, A.dtype)

@@ -7,30 +7,39 @@
 from lowrank.methods.base import (
     CompressionResult,
     MethodConfig,
+    applied_methods,
     compress,
+    config_class,
     config_from_dict,
     count_parameters,
     method_names,
     register_method,
+    weight_bytes,
 )
-from lowrank.methods.common import CalibratedConfig, LowRankConfig
+from lowrank.methods.common import LowRankConfig, WhitenedConfig
 from lowrank.methods.svd import SVDConfig
-from lowrank.methods.svd_llm import CalibrationStatistics, SVDLLMConfig, collect_gram_statistics
+from lowrank.methods.svd_llm import SVDLLMConfig, collect_gram_statistics
 from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
+from lowrank.pipeline import CalibrationConfig, CalibrationStatistics, RunContext
 
 __all__ = [
     "compress",
     "CompressionResult",
     "MethodConfig",
     "LowRankConfig",
-    "CalibratedConfig",
+    "WhitenedConfig",
+    "CalibrationConfig",
+    "CalibrationStatistics",
+    "RunContext",
     "SVDConfig",
     "SVDLLMConfig",
     "SVDLLMV2Config",
-    "CalibrationStatistics",
     "collect_gram_statistics",
     "config_from_dict",
+    "config_class",
     "method_names",
     "register_method",
     "count_parameters",
+    "weight_bytes",
+    "applied_methods",
 ]

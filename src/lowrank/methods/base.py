@@ -3,20 +3,28 @@
 A method is a small keyword-only config dataclass plus a handler registered for it with
 :func:`register_method`; :func:`compress` dispatches on the config's type, so adding a method never
 touches this file. Configs round-trip through ``to_dict``/``from_dict`` (the same dict is what
-``--config file.json`` loads and what a saved model records).
+``--config file.json`` loads and what a saved model records), and the command line derives each
+method's flags from its dataclass (``lowrank.cli._flags``).
+
+Methods stack: ``compress`` may be applied several times to one model (say ``svd-llm`` on the MLP, then
+an attention method); the model remembers the ordered list of applied configs (:func:`applied_methods`),
+which ``save_compressed`` records and ``load_model`` restores.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+
+from lowrank.pipeline import RunContext
 
 __all__ = [
     "MethodConfig",
@@ -24,20 +32,43 @@ __all__ = [
     "register_method",
     "compress",
     "config_from_dict",
+    "config_class",
     "method_names",
     "count_parameters",
+    "weight_bytes",
+    "applied_methods",
+    "applied_summaries",
 ]
 
-_METHODS: dict[str, tuple[type[MethodConfig], Callable[..., CompressionResult]]] = {}
+Handler = Callable[[nn.Module, "MethodConfig", RunContext], "CompressionResult"]
+_METHODS: dict[str, tuple[type[MethodConfig], Handler]] = {}
+_HISTORY = "_lowrank_applied"
+_SUMMARIES = "_lowrank_summaries"
 
 C = TypeVar("C", bound="type[MethodConfig]")
 
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """Base class of method configs. Subclasses set ``method`` (the registry name) as a ClassVar."""
+    """Base class of method configs. Subclasses set ``method`` (the registry name) as a ClassVar.
+
+    A field whose type is a config dataclass (``CalibrationConfig``, ``DecomposerConfig``) is nested: its
+    dict form is converted on construction, so ``from_dict`` and the CLI need no per-method code.
+    """
 
     method: ClassVar[str] = ""
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    """Groups of fields of which a user gives one (setting one clears the others of the group)."""
+    calibrated: ClassVar[bool] = False
+    """The method needs calibration data (its config has a ``calibration`` field)."""
+    example: ClassVar[dict[str, Any]] = {}
+    """Keyword arguments of a small valid config (the method × architecture test matrix uses it)."""
+
+    def __post_init__(self) -> None:
+        for f, kind in nested_fields(type(self)).items():
+            value = getattr(self, f)
+            if isinstance(value, dict):
+                setattr(self, f, kind.from_dict(value))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with a ``"method"`` key; nested configs serialise through their ``to_dict``."""
@@ -54,6 +85,8 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         """Inverse of :meth:`to_dict` (unknown keys raise a one-line ``ValueError``)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a method config must be a JSON object; got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:
@@ -65,64 +98,66 @@ class MethodConfig:
         return cls(**data)
 
 
+def nested_fields(cls: type) -> dict[str, type]:
+    """``{field name: config class}`` of the fields of ``cls`` that hold a nested config dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        for candidate in (hints.get(f.name), *typing.get_args(hints.get(f.name))):
+            if inspect.isclass(candidate) and dataclasses.is_dataclass(candidate):
+                out[f.name] = candidate
+    return out
+
+
 @dataclass(kw_only=True)
 class CompressionResult:
-    """What a compression did. Ratios follow SVD-LLM: fraction of parameters REMOVED."""
+    """What one ``compress`` call did: a common core for every method plus method-specific ``details``.
+
+    Parameter and byte counts are measured on the model before and after (tied weights counted once);
+    ``modules`` describes every module the method replaced, with ranks as built.
+    """
 
     method: str
     config: dict[str, Any]
-    decomposer: dict[str, Any] | None
-    ratio_target: float | None
-    """Requested fraction of targeted linear parameters removed (None when a keep fraction was given)."""
-    ratio_params_removed: float
-    """Achieved fraction of the targeted linear layers' parameters removed."""
-    keep_singular_fraction_target: float | None
-    keep_singular_fraction: float
-    """Achieved Σ ranks / Σ min(m, n) over targeted matrices (dense-kept ones count as full)."""
-    parameters_before: int
-    parameters_after: int
-    linear_parameters_before: int
-    linear_parameters_after: int
+    parameters_before: int = 0
+    parameters_after: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    kv_bytes_per_token_before: float | None = None
+    """KV-cache bytes per token of the model's cache (the installed cache class, else the default)."""
+    kv_bytes_per_token_after: float | None = None
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per targeted module: kind, shape, rank (None if kept dense), loss, fallback."""
-    dense_kept: list[str] = field(default_factory=list)
+    """Per targeted module: kind, shape, rank as built (None if kept dense), loss, fallback."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Method-specific figures (ratio conventions, allocation, …)."""
     fallbacks: int = 0
     fallback_modules: list[str] = field(default_factory=list)
     calibration_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     time_total_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def time_decomposition_s(self) -> float:
-        return self.timings.get("decomposition", 0.0)
 
     @property
     def ranks(self) -> dict[str, int | None]:
         return {name: info.get("rank") for name, info in self.modules.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["decomposer_name"] = (self.decomposer or {}).get("name")
-        out["time_decomposition_s"] = self.time_decomposition_s
-        return out
+        return dataclasses.asdict(self)
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written by ``lowrank compress --json`` (no per-module table)."""
-        out = {k: v for k, v in self.to_dict().items() if k not in ("modules", "extra")}
+        out = {k: v for k, v in self.to_dict().items() if k not in ("modules", "details")}
+        out.update(self.details)
         out["ranks"] = self.ranks
         out.update({f"time_{k}_s": v for k, v in self.timings.items()})
         return out
 
 
-def register_method(
-    config_cls: C,
-) -> Callable[[Callable[..., CompressionResult]], Callable[..., CompressionResult]]:
-    """Decorator registering ``handler(model, config, *, calibration, device, checkpoint_dir)``."""
+def register_method(config_cls: C) -> Callable[[Handler], Handler]:
+    """Decorator registering ``handler(model, config, ctx: RunContext) -> CompressionResult``."""
     if not config_cls.method:
         raise ValueError(f"{config_cls.__name__} must set the ClassVar 'method' to register")
 
-    def decorator(handler: Callable[..., CompressionResult]) -> Callable[..., CompressionResult]:
+    def decorator(handler: Handler) -> Handler:
         _METHODS[config_cls.method] = (config_cls, handler)
         return handler
 
@@ -134,17 +169,57 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Build the config of the method named in ``data["method"]``."""
-    name = data.get("method")
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of the method called ``name``."""
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
-    return _METHODS[name][0].from_dict(data)
+    return _METHODS[name][0]
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Build the config of the method named in ``data["method"]``."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"a method config must be a JSON object with a 'method' key; got {type(data).__name__}"
+        )
+    return config_class(data.get("method")).from_dict(data)
 
 
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters of ``model`` (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters of ``model`` in their current dtypes."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def applied_methods(model: nn.Module) -> list[dict[str, Any]]:
+    """The configs (as dicts) of the methods applied to ``model`` so far, in order."""
+    return list(getattr(model, _HISTORY, []))
+
+
+def set_applied_methods(
+    model: nn.Module, configs: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None
+) -> None:
+    """Record the ordered list of applied method configs (and their summaries) on ``model``."""
+    object.__setattr__(model, _HISTORY, list(configs))
+    object.__setattr__(model, _SUMMARIES, list(summaries or []))
+
+
+def applied_summaries(model: nn.Module) -> list[dict[str, Any]]:
+    """The summaries of the methods applied to ``model`` so far, in order."""
+    return list(getattr(model, _SUMMARIES, []))
+
+
+def _kv_bytes(model: nn.Module) -> float | None:
+    from lowrank.kv_cache import kv_bytes_per_token
+
+    try:
+        return kv_bytes_per_token(model)
+    except ValueError:  # not a model with a known attention layout
+        return None
 
 
 def compress(
@@ -153,21 +228,20 @@ def compress(
     *,
     calibration: Any = None,
     device: torch.device | str | None = None,
-    checkpoint_dir: str | Path | None = None,
+    checkpoint_dir: Any = None,
 ) -> CompressionResult:
     """Compress ``model`` in place with the method configured by ``config``.
 
     Args:
         model: a causal LM (Llama-like layout); its weights may stay on CPU.
         config: a registered method config (``SVDConfig``, ``SVDLLMConfig``, ``SVDLLMV2Config``, …).
-        calibration: (samples, seq_len) token ids, or statistics precomputed by
-            ``lowrank.methods.collect_gram_statistics`` (non-sequential mode, reusable across ratios);
-            data-free methods ignore it.
+        calibration: (samples, seq_len) token ids, or ``CalibrationStatistics`` precomputed on the unchanged
+            model (non-sequential mode, reusable across configurations); data-free methods ignore it.
         device: compute device; layers visit it one at a time (default: the model's device).
         checkpoint_dir: save after every layer and resume an interrupted run from there.
 
     Returns:
-        A :class:`CompressionResult` (ranks, parameters, time breakdown, fallbacks).
+        A :class:`CompressionResult` (parameters, bytes, ranks as built, time breakdown, fallbacks).
     """
     entry = _METHODS.get(getattr(type(config), "method", ""))
     if entry is None or not isinstance(config, entry[0]):
@@ -177,13 +251,22 @@ def compress(
         )
     from lowrank.linalg import fallback_counts
 
+    ctx = RunContext(model, calibration=calibration, device=device, checkpoint_dir=checkpoint_dir)
+    parameters, size, kv = count_parameters(model), weight_bytes(model), _kv_bytes(model)
     before = fallback_counts()
     start = time.perf_counter()
-    result = entry[1](model, config, calibration=calibration, device=device, checkpoint_dir=checkpoint_dir)
+    result = entry[1](model, config, ctx)
     result.time_total_s = round(time.perf_counter() - start, 4)
     after = fallback_counts()
     decomposer_fallbacks = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     if decomposer_fallbacks:
-        result.extra["decomposer_fallbacks"] = decomposer_fallbacks
-    result.timings["total"] = result.time_total_s
+        result.details["decomposer_fallbacks"] = decomposer_fallbacks
+    result.parameters_before, result.parameters_after = parameters, count_parameters(model)
+    result.weight_bytes_before, result.weight_bytes_after = size, weight_bytes(model)
+    result.kv_bytes_per_token_before, result.kv_bytes_per_token_after = kv, _kv_bytes(model)
+    result.calibration_tokens = result.calibration_tokens or ctx.tokens
+    result.timings = {**ctx.timings.to_dict(), "total": result.time_total_s}
+    set_applied_methods(
+        model, [*applied_methods(model), config.to_dict()], [*applied_summaries(model), result.summary()]
+    )
     return result

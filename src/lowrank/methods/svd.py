@@ -11,13 +11,18 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowrank.architectures import decoder_layers
-from lowrank.calibration import Timings
-from lowrank.methods.base import CompressionResult, count_parameters, register_method
-from lowrank.methods.common import LowRankConfig, Target, build_result, by_layer, decomposer_for, plan_targets
+from lowrank.methods.base import CompressionResult, register_method
+from lowrank.methods.common import (
+    LowRankConfig,
+    Target,
+    by_layer,
+    decomposer_for,
+    lowrank_result,
+    plan_targets,
+)
 from lowrank.nn import LowRankLinear
+from lowrank.pipeline import RunContext
 from lowrank.surgery import replace_module
 
 __all__ = ["SVDConfig", "truncated_svd_factors"]
@@ -38,42 +43,32 @@ def truncated_svd_factors(W: torch.Tensor, rank: int, decompose, dtype: torch.dt
     return root[:, None] * Vh, U * root, max(loss, 0.0)
 
 
-def _compress_layer(
-    layer: nn.Module, targets: list[Target], decompose, dtype, timings: Timings
+@register_method(SVDConfig)
+def compress_svd(model: nn.Module, config: SVDConfig, ctx: RunContext) -> CompressionResult:
+    """Handler of ``method='svd'``: each targeted linear → its truncated SVD (a data-free layer pass)."""
+    plan = plan_targets(model, config)
+    layered = by_layer(plan)
+    decompose = decomposer_for(config)
+
+    def process(index: int, layer: nn.Module, stats: dict) -> dict[str, Any]:
+        return {"entries": _factor_layer(layer, layered.get(index, []), decompose, config.dtype, ctx)}
+
+    records = ctx.layer_pass(None, process, desc="svd")
+    return lowrank_result(config, plan, records)
+
+
+def _factor_layer(
+    layer: nn.Module, targets: list[Target], decompose, dtype, ctx: RunContext
 ) -> dict[str, Any]:
-    entries = {}
+    entries: dict[str, Any] = {}
     for t in targets:
         if t.rank is None:
             entries[t.rel] = {"rank": None}
             continue
         linear = layer.get_submodule(t.rel)
-        with timings.measure("decomposition"):
+        with ctx.timings.measure("decomposition"):
             A, B, loss = truncated_svd_factors(linear.weight, t.rank, decompose, dtype)
-            replace_module(layer, t.rel, LowRankLinear.from_linear(linear, A, B))
-        entries[t.rel] = {"rank": t.rank, "loss": loss}
-    return {"entries": entries}
-
-
-@register_method(SVDConfig)
-def compress_svd(
-    model: nn.Module, config: SVDConfig, *, calibration=None, device=None, checkpoint_dir=None
-) -> CompressionResult:
-    """Handler of ``method='svd'``: each targeted linear → its truncated SVD (``calibration`` unused)."""
-    timings = Timings()
-    before = count_parameters(model)
-    plan = plan_targets(model, config)
-    decompose = decomposer_for(config)
-    layers = decoder_layers(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    timings.sync = device.type == "cuda"
-    records = []
-    for index, targets in tqdm(by_layer(plan).items(), desc="svd", unit="layer", leave=False):
-        layer = layers[index].to(device)
-        try:
-            records.append(
-                {"layer": index, **_compress_layer(layer, targets, decompose, config.dtype, timings)}
-            )
-        finally:
-            layers[index].to(home)
-    return build_result(model, config, plan, records, parameters_before=before, timings=timings)
+            built = LowRankLinear.from_linear(linear, A, B)
+            replace_module(layer, t.rel, built)
+        entries[t.rel] = {"rank": built.rank, "planned_rank": t.rank, "loss": loss}
+    return entries

@@ -21,7 +21,7 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,27 +30,22 @@ from torch import nn
 from lowrank.calibration import Statistic, Timings
 from lowrank.linalg.allocation import ALLOCATION_RULES, allocate_ranks, break_even_rank
 from lowrank.linalg.whitening import whiten, whitened_spectrum
-from lowrank.methods.base import CompressionResult, count_parameters, register_method
-from lowrank.methods.common import (
-    CalibratedConfig,
-    Target,
-    by_layer,
-    decomposer_for,
-    plan_targets,
-)
-from lowrank.methods.svd_llm import collect_gram_statistics, run_calibrated, truncation_pass
+from lowrank.methods.base import CompressionResult, register_method
+from lowrank.methods.common import Target, WhitenedConfig, by_layer, decomposer_for, plan_targets
+from lowrank.methods.svd_llm import gram_requests, truncation_pass
+from lowrank.pipeline import RunContext
 
 __all__ = ["SVDLLMV2Config", "allocate_plan"]
 
 
 @dataclass(kw_only=True)
-class SVDLLMV2Config(CalibratedConfig):
-    """SVD-LLM V2: :class:`CalibratedConfig` plus the allocation fields; truncation defaults to ``eigh``."""
+class SVDLLMV2Config(WhitenedConfig):
+    """SVD-LLM V2: :class:`WhitenedConfig` plus the allocation fields; truncation defaults to ``eigh``."""
 
     method: ClassVar[str] = "svd-llm-v2"
-    truncation: str = "eigh"
+    truncation: str = field(default="eigh", metadata={"choices": ("cholesky", "eigh", "projection")})
     """Route to the loss minimiser; ``eigh`` is the paper's two-round SVD."""
-    allocation: str = "uniform"
+    allocation: str = field(default="uniform", metadata={"choices": ALLOCATION_RULES})
     """Rank allocation rule within each group of same-type matrices (see ``lowrank.linalg.allocation``).
     Default ``uniform`` (homogeneous ranks): on the built-in model every reallocating rule measured gave a
     higher perplexity at 40 % removed (docs/compression.md, "SVD-LLM V2: allocation rule and sequencing");
@@ -111,7 +106,7 @@ def allocate_plan(
     groups: dict[str, list[Target]] = {}
     for t in plan:
         if t.rank is not None:
-            groups.setdefault(t.group, []).append(t)
+            groups.setdefault(t.kind, []).append(t)
     summary = {}
     for group, members in groups.items():
         bounds = [_bounds(t, config) for t in members]
@@ -145,24 +140,19 @@ def allocate_plan(
     return summary
 
 
-def _allocate(model, config: SVDLLMV2Config, calibration, plan, decompose, device, checkpoint_dir, timings):
+def _allocate(model, config: SVDLLMV2Config, plan: list[Target], ctx: RunContext) -> dict[str, Any]:
     """Spectra pass + group allocation (sets the targets' ranks); ``uniform`` keeps the homogeneous ranks."""
     if config.allocation == "uniform":
         return {}  # no reallocation: the spectra are not needed
     layered = by_layer(plan)
-    sub = None if checkpoint_dir is None else f"{checkpoint_dir}/spectra"
-    records, _ = run_calibrated(
-        model,
-        config,
-        calibration,
-        plan,
-        _spectra_process(layered, config, decompose, timings),
-        device=device,
-        checkpoint_dir=sub,
-        timings=timings,
+    records = ctx.layer_pass(
+        gram_requests(plan, config.calibration.dtype),
+        _spectra_process(layered, config, decomposer_for(config), ctx.timings),
+        calibration=config.calibration,
+        key={"spectra": config.to_dict()},
         sequential=False,
         modifies=False,
-        run_key={"spectra": config.to_dict()},
+        checkpoint="spectra",
         desc="spectra",
     )
     spectra = {
@@ -171,42 +161,24 @@ def _allocate(model, config: SVDLLMV2Config, calibration, plan, decompose, devic
         for t in layered.get(r["layer"], [])
         if t.rel in r["spectra"]
     }
-    with timings.measure("other"):
+    with ctx.timings.measure("other"):
         return allocate_plan(plan, spectra, config)
 
 
 @register_method(SVDLLMV2Config)
-def compress_svd_llm_v2(
-    model: nn.Module, config: SVDLLMV2Config, *, calibration=None, device=None, checkpoint_dir=None
-) -> CompressionResult:
+def compress_svd_llm_v2(model: nn.Module, config: SVDLLMV2Config, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='svd-llm-v2'``: spectra pass → allocation → compression pass."""
-    timings = Timings()
-    before = count_parameters(model)
     plan = plan_targets(model, config)
-    decompose = decomposer_for(config)
-    if not config.sequential and isinstance(calibration, torch.Tensor) and calibration.ndim == 2:
+    if not config.calibration.sequential:
         # one calibration pass serves both the spectra and the compression
-        calibration = collect_gram_statistics(
-            model,
-            calibration,
-            targets=config.targets,
-            ignore=config.ignore,
-            device=device,
-            batch_size=config.batch_size,
-            gram_dtype=config.gram_dtype,
-            offload_device=config.offload_device,
-            timings=timings,
-        )
-    allocation = _allocate(model, config, calibration, plan, decompose, device, checkpoint_dir, timings)
+        ctx.precompute(gram_requests(plan, config.calibration.dtype), config.calibration)
+    allocation = _allocate(model, config, plan, ctx)
     return truncation_pass(
         model,
         config,
-        calibration,
         plan,
-        parameters_before=before,
-        device=device,
-        checkpoint_dir=None if checkpoint_dir is None else f"{checkpoint_dir}/compress",
-        timings=timings,
-        run_key={"compress": config.to_dict(), "ranks": {t.name: t.rank for t in plan}},
-        extra={"allocation": allocation},
+        ctx,
+        checkpoint="compress",
+        key={"compress": config.to_dict(), "ranks": {t.name: t.rank for t in plan}},
+        allocation=allocation,
     )

@@ -13,19 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.linalg.allocation import dense_parameters, factored_parameters
 from lowrank.nn.registry import register_replacement
 
 __all__ = ["LowRankLinear", "dense_parameters", "factored_parameters", "parameters_saved"]
-
-
-def dense_parameters(out_features: int, in_features: int, bias: bool = False) -> int:
-    """Parameters of a dense ``out × in`` linear layer (weights plus optional bias)."""
-    return out_features * in_features + (out_features if bias else 0)
-
-
-def factored_parameters(out_features: int, in_features: int, rank: int, bias: bool = False) -> int:
-    """Parameters of a rank-``rank`` factorization ``(out × rank)(rank × in)`` plus optional bias."""
-    return rank * (out_features + in_features) + (out_features if bias else 0)
 
 
 def parameters_saved(out_features: int, in_features: int, rank: int) -> int:
@@ -141,15 +132,31 @@ class LowRankLinear(nn.Module):
         cls,
         spec: dict[str, Any],
         *,
+        original: nn.Module | None = None,
+        model_config: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> LowRankLinear:
-        """An uninitialised module with the shape described by ``spec`` (weights loaded afterwards)."""
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            bias=bool(spec["bias"]),
-            device=device,
-            dtype=dtype,
-        )
+        """An uninitialised module with the shape described by ``spec`` (weights loaded afterwards).
+
+        Raises:
+            ValueError: a spec without the integer fields ``in_features``, ``out_features``, ``rank`` or
+                with sizes that do not fit (the message names them).
+        """
+        try:
+            sizes = [int(spec[k]) for k in ("in_features", "out_features", "rank")]
+            bias = bool(spec["bias"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                "LowRankLinear spec needs integer in_features, out_features, rank and a bias flag; "
+                f"got {spec!r}"
+            ) from exc
+        if original is not None and (
+            getattr(original, "in_features", sizes[0]),
+            getattr(original, "out_features", sizes[1]),
+        ) != (sizes[0], sizes[1]):
+            raise ValueError(
+                f"LowRankLinear spec {sizes[1]} × {sizes[0]} does not fit the module it replaces "
+                f"({original.out_features} × {original.in_features})"
+            )
+        return cls(*sizes, bias=bias, device=device, dtype=dtype)

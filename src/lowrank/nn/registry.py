@@ -4,7 +4,10 @@ A replacement module class (``LowRankLinear``, later latent-attention or KV-proj
 registered with :func:`register_replacement` and implements two methods:
 
 * ``module.replacement_spec() -> dict``: JSON-able shape description (ranks, sizes, flags);
-* ``cls.from_spec(spec, *, device=None, dtype=None) -> module``: an uninitialised module of that shape.
+* ``cls.from_spec(spec, *, original=None, model_config=None, device=None, dtype=None) -> module``: an
+  uninitialised module of that shape. ``original`` is the module it replaces in the freshly built base
+  model (so a replacement can take back a rotary embedding, a layer index or a norm) and
+  ``model_config`` the model's transformers config; modules that need neither ignore them.
 
 Serialization stores ``{"class": cls.__name__, "spec": ...}`` for every replaced module and calls
 :func:`build_replacement` when loading, so a new module type becomes loadable by registering it.
@@ -56,8 +59,29 @@ def describe_replacement(module: nn.Module) -> dict[str, Any] | None:
 
 
 def build_replacement(
-    description: dict[str, Any], *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    description: dict[str, Any],
+    *,
+    original: nn.Module | None = None,
+    model_config: Any = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Rebuild an uninitialised module from :func:`describe_replacement`'s output."""
+    """Rebuild an uninitialised module from :func:`describe_replacement`'s output.
+
+    Args:
+        description: ``{"class": name, "spec": {...}}``.
+        original: the module being replaced (of the freshly built base model), if any.
+        model_config: the model's transformers config, if any.
+        device, dtype: where and how the module's tensors are allocated.
+
+    Raises:
+        ValueError: unknown class, or a description that is not of that form.
+    """
+    if not isinstance(description, dict) or not isinstance(description.get("spec"), dict):
+        raise ValueError(
+            f"a replacement description must be {{'class': name, 'spec': {{...}}}}; got {description!r}"
+        )
     cls = replacement_class(description["class"])
-    return cls.from_spec(description["spec"], device=device, dtype=dtype)  # type: ignore[attr-defined]
+    return cls.from_spec(  # type: ignore[attr-defined]
+        description["spec"], original=original, model_config=model_config, device=device, dtype=dtype
+    )
