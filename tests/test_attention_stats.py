@@ -98,13 +98,15 @@ def _flat(x):
     return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
 
 
-def _assert_gram(actual, X, Y, depth, eps=EPS):
+def _assert_gram(actual, X, Y, depth, eps=EPS, magnitude=None):
     """|actual - XᵀY| ≤ 16·(n + depth)·u·‖X_a‖‖Y_b‖ entrywise: the forward-error bound of an n-term inner
     product of operands that were themselves computed by ``depth``-term sums (Cauchy–Schwarz scaled), with
-    u the unit roundoff of the least precise step."""
+    u the unit roundoff of the least precise step. ``magnitude``: (|X|, |Y|) bounds entrywise to use in
+    place of X, Y when they are sums whose terms may cancel (the rounding scales with the terms)."""
     X, Y = _flat(X), _flat(Y)
+    X_abs, Y_abs = (X, Y) if magnitude is None else map(_flat, magnitude)
     expected = X.mT @ Y
-    bound = X.norm(dim=1)[:, :, None] * Y.norm(dim=1)[:, None, :]
+    bound = X_abs.norm(dim=1)[:, :, None] * Y_abs.norm(dim=1)[:, None, :]
     assert actual.shape == expected.shape and actual.dtype == torch.float64
     excess = (actual - expected).abs() - 16 * (X.shape[1] + depth) * eps * bound
     assert excess.max() <= 0, f"Gram off by {float(excess.max()):.3g} beyond the rounding bound"
@@ -127,6 +129,15 @@ def test_grams_match_brute_force(family, kv_heads):
         _assert_gram(getattr(stat, f"kq_{stage}"), K.repeat_interleave(G, 1), Q, depth)
         group = getattr(stat, f"qq_group_{stage}")
         torch.testing.assert_close(group, getattr(stat, f"qq_{stage}").unflatten(0, (kv_heads, G)).sum(1))
+        # Gram of the group's summed queries (Σ_i Q_i)ᵀ(Σ_i Q_i): the G-term sum adds G to the depth
+        Q_group = Q.unflatten(1, (kv_heads, G))  # (B, H_kv, G, T, d)
+        Q_sum, Q_abs = Q_group.sum(2), Q_group.abs().sum(2)
+        qsum = getattr(stat, f"qsum_{stage}")
+        _assert_gram(qsum, Q_sum, Q_sum, depth + G, magnitude=(Q_abs, Q_abs))
+        if G == 1:  # one head per group: nothing to sum
+            torch.testing.assert_close(qsum, group)
+        else:  # the cross terms Σ_{i≠j} Q_iᵀQ_j are what the per-head Grams miss
+            assert not torch.allclose(qsum, group)
     _assert_gram(stat.vv, ref["v"], ref["v"], depth)
     # + the T-term sums of softmax and P·V; the probabilities themselves are rounded to float32
     _assert_gram(stat.oo, ref["o"], ref["o"], depth + 10, eps=SOFTMAX_EPS)
@@ -148,7 +159,7 @@ def test_outputs_are_bit_identical_and_everything_is_restored(family):
     # memory does not grow with the tokens: only d × d blocks are kept
     stat = stats["attn"]
     kept = [v for v in vars(stat).values() if isinstance(v, torch.Tensor)]
-    assert len(kept) == 8 and all(t.shape[-2:] == (16, 16) and t.dtype == torch.float32 for t in kept)
+    assert len(kept) == 10 and all(t.shape[-2:] == (16, 16) and t.dtype == torch.float32 for t in kept)
     assert not stat._seen
 
 
@@ -195,8 +206,10 @@ def test_chunks_accumulate_and_to_moves():
     chunked, _ = _layer_statistic(model, ids, {"attn": attention_request(model)}, batch_size=2)
     assert whole["attn"].tokens == chunked["attn"].tokens == 35
     torch.testing.assert_close(whole["attn"].kq_post, chunked["attn"].kq_post)
+    torch.testing.assert_close(whole["attn"].qsum_post, chunked["attn"].qsum_post)
     moved = chunked["attn"].to("meta")
     assert moved is chunked["attn"] and moved.oo.device.type == "meta" and moved.vv.device.type == "meta"
+    assert moved.qsum_pre.device.type == moved.qsum_post.device.type == "meta"
 
 
 def test_bad_geometry_is_a_value_error():

@@ -130,9 +130,13 @@ def test_every_registered_method_on_every_architecture(tmp_path, arch, method):
     result = compress(
         model, cls(**cls.example), calibration=random_tokens(16, 48) if cls.calibrated else None
     )
-    assert result.parameters_after == count_parameters(model) < result.parameters_before
-    assert result.weight_bytes_after < result.weight_bytes_before
+    assert result.parameters_after == count_parameters(model)
     assert result.kv_bytes_per_token_before > 0 and result.kv_bytes_per_token_after > 0
+    # every method makes something smaller: the weights or the KV cache
+    assert (
+        result.weight_bytes_after < result.weight_bytes_before
+        or result.kv_bytes_per_token_after < result.kv_bytes_per_token_before
+    )
     logits = _logits(model, ids)
     assert torch.isfinite(logits).all()
     save_compressed(model, tmp_path / "m")

@@ -8,6 +8,7 @@ layer with H query heads, H_kv key/value heads, group size G = H / H_kv and head
 
     kk[j] = K_jᵀ K_j      vv[j] = V_jᵀ V_j      qq[i] = Q_iᵀ Q_i      kq[i] = K_g(i)ᵀ Q_i
     oo[i] = O_iᵀ O_i,     O_i = softmax(scores_i) V_g(i)   (the head's output before o_proj)
+    qsum[j] = (Σ_{g(i)=j} Q_i)ᵀ (Σ_{g(i)=j} Q_i)           (Gram of the SUM of group j's queries)
 
 with the Q/K statistics both before RoPE (after q_norm/k_norm where the family has them) and after it.
 
@@ -114,6 +115,9 @@ class AttentionGrams(Statistic):
         kk_pre, kk_post: (H_kv, d, d) KᵀK per KV head.
         vv: (H_kv, d, d) VᵀV per KV head.
         qq_pre, qq_post: (H, d, d) QᵀQ per query head (``qq_group_*``: summed over each KV group).
+        qsum_pre, qsum_post: (H_kv, d, d) Gram (Σ_i Q_i)ᵀ(Σ_i Q_i) of the sum of the queries of each KV
+            group (i over its G query heads). The summed GQA objective ‖Σ_i (K A B_iᵀ Q_iᵀ − K Q_iᵀ)‖²
+            needs it; the per-head Grams do not determine it (it adds the cross terms Q_iᵀQ_j, i ≠ j).
         kq_pre, kq_post: (H, d, d) cross Gram ``K_g(i)ᵀ Q_i`` of query head i with its KV head:
             ``kq[i][a, b] = Σ_t K[t, a] Q_i[t, b]`` (rows: key features, columns: query features).
         oo: (H, d, d) OᵀO of each query head's attention output ``softmax(scores) V`` before o_proj.
@@ -154,6 +158,8 @@ class AttentionGrams(Statistic):
         self.vv: torch.Tensor | None = None
         self.qq_pre: torch.Tensor | None = None
         self.qq_post: torch.Tensor | None = None
+        self.qsum_pre: torch.Tensor | None = None
+        self.qsum_post: torch.Tensor | None = None
         self.kq_pre: torch.Tensor | None = None
         self.kq_post: torch.Tensor | None = None
         self.oo: torch.Tensor | None = None
@@ -225,6 +231,8 @@ class AttentionGrams(Statistic):
             K_rep = K[stage].repeat_interleave(self.group_size, dim=0)  # (H, n, d): KV head of each query
             getattr(self, f"kk_{stage}").baddbmm_(K[stage].mT, K[stage])
             getattr(self, f"qq_{stage}").baddbmm_(Q[stage].mT, Q[stage])
+            Q_sum = Q[stage].unflatten(0, (Hkv, self.group_size)).sum(1)  # (H_kv, n, d)
+            getattr(self, f"qsum_{stage}").baddbmm_(Q_sum.mT, Q_sum)
             getattr(self, f"kq_{stage}").baddbmm_(K_rep.mT, Q[stage])
         self.vv.baddbmm_(V.mT, V)
         self.oo.baddbmm_(O.mT, O)
@@ -232,7 +240,13 @@ class AttentionGrams(Statistic):
 
     def _allocate(self, device: torch.device) -> None:
         d = self.head_dim
-        for name, heads in (("kk", self.num_kv_heads), ("qq", self.num_heads), ("kq", self.num_heads)):
+        heads_of = (
+            ("kk", self.num_kv_heads),
+            ("qq", self.num_heads),
+            ("qsum", self.num_kv_heads),
+            ("kq", self.num_heads),
+        )
+        for name, heads in heads_of:
             for stage in ("pre", "post"):
                 setattr(self, f"{name}_{stage}", torch.zeros(heads, d, d, dtype=self.dtype, device=device))
         self.vv = torch.zeros(self.num_kv_heads, d, d, dtype=self.dtype, device=device)
@@ -240,7 +254,19 @@ class AttentionGrams(Statistic):
 
     def to(self, device: torch.device | str) -> AttentionGrams:
         """Move every accumulated Gram to ``device`` (in place); return ``self``."""
-        for name in ("kk_pre", "kk_post", "vv", "qq_pre", "qq_post", "kq_pre", "kq_post", "oo"):
+        names = (
+            "kk_pre",
+            "kk_post",
+            "vv",
+            "qq_pre",
+            "qq_post",
+            "qsum_pre",
+            "qsum_post",
+            "kq_pre",
+            "kq_post",
+            "oo",
+        )
+        for name in names:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))

@@ -80,9 +80,9 @@ def outer_digest(model: nn.Module, layers: nn.ModuleList) -> str:
 def replacements_in(layer: nn.Module) -> dict[str, dict[str, Any]]:
     """Descriptions of the registered replacement modules inside ``layer`` (relative names)."""
     found = {}
-    for name, module in layer.named_modules():
+    for name, module in layer.named_modules():  # outer modules before the ones nested in them
         desc = describe_replacement(module)
-        if desc is not None and name and not any(name.startswith(f + ".") for f in found):
+        if desc is not None and name:
             found[name] = desc
     return found
 

@@ -5,7 +5,9 @@ the queries that read them, d the head dimension, R the kept rank, and the Grams
 G_V = VᵀV (d × d, symmetric positive semi-definite). A key projection is a pair A, B (d × R): the cache
 stores K A (n × R), queries are mapped to Q B and the logits become (Q B)(K A)ᵀ = Q B Aᵀ Kᵀ ≈ Q Kᵀ. A value
 projection C, D is the same with values: the cache stores V C and the head output becomes (softmax · V C) Dᵀ.
-Every function reads Grams only; activations (n × d) are never needed.
+Every function reads Grams only; activations (n × d) are never needed. Grams may carry leading batch
+dimensions (e.g. (H_kv, d, d) for a layer), are taken as symmetric (``torch.linalg.eigh`` reads their lower
+triangle) and are computed on in float64 on their own device.
 
 * :func:`k_svd` / :func:`v_svd` (Palu, LoRC): A = B = top-R eigenvectors of G_K, the orthogonal projector
   minimising ‖K − K A Aᵀ‖²_F.
@@ -85,27 +87,36 @@ class Projection:
 
 
 # --------------------------------------------------------------------------------------------- checks
+def _tensor(name: str, X: object) -> torch.Tensor:
+    """``X`` as float64 after checking it is a finite floating tensor."""
+    if not isinstance(X, torch.Tensor) or not X.is_floating_point():
+        got = getattr(X, "dtype", type(X).__name__)
+        raise ValueError(f"{name} must be a floating torch.Tensor; got {got}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{name} has {int((~torch.isfinite(X)).sum())} non-finite entries (NaN or inf)")
+    return X.detach().to(torch.float64)
+
+
 def _gram(name: str, G: object) -> torch.Tensor:
     """``G`` as float64 after checking it is a finite floating (..., d, d) tensor with d ≥ 1."""
-    if not isinstance(G, torch.Tensor) or not G.is_floating_point():
-        raise ValueError(f"{name} must be a floating torch.Tensor; got {getattr(G, 'dtype', type(G).__name__)}")
+    G = _tensor(name, G)
     if G.ndim < 2 or G.shape[-1] != G.shape[-2] or G.shape[-1] == 0:
-        raise ValueError(f"{name} must be a square (..., d, d) matrix with d >= 1; got shape {tuple(G.shape)}")
-    if not bool(torch.isfinite(G).all()):
-        raise ValueError(f"{name} has {int((~torch.isfinite(G)).sum())} non-finite entries (NaN or inf)")
-    return G.detach().to(torch.float64)
+        raise ValueError(f"{name} must be a square (..., d, d) matrix, d >= 1; got shape {tuple(G.shape)}")
+    return G
 
 
-def _pair(G_K: object, G_Q: object, names: tuple[str, str] = ("G_K", "G_Q")) -> tuple[torch.Tensor, ...]:
-    G_K, G_Q = _gram(names[0], G_K), _gram(names[1], G_Q)
+def _pair(G_K: object, G_Q: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both Grams checked, float64, on G_K's device; ``ValueError`` unless their shapes agree."""
+    G_K, G_Q = _gram("G_K", G_K), _gram("G_Q", G_Q)
     if G_K.shape != G_Q.shape:
         raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape; got {tuple(G_K.shape)} and {tuple(G_Q.shape)}"
+            f"G_K and G_Q must have the same shape; got {tuple(G_K.shape)} and {tuple(G_Q.shape)}"
         )
     return G_K, G_Q.to(G_K.device)
 
 
 def _rank(R: object, d: int) -> int:
+    """``R`` unchanged, or ``ValueError`` unless it is an int in [1, d]."""
     if isinstance(R, bool) or not isinstance(R, int) or not 1 <= R <= d:
         raise ValueError(f"R must be an int in [1, d={d}]; got R={R!r}")
     return R
@@ -240,17 +251,10 @@ def wo_aware(G_V: torch.Tensor, W_O_blocks: torch.Tensor, R: int) -> Projection:
         of V [W_{O,1} … W_{O,g}] and ``objective`` the minimised error.
     """
     G_V = _gram("G_V", G_V)
-    W = W_O_blocks
-    if not isinstance(W, torch.Tensor) or not W.is_floating_point():
-        raise ValueError(f"W_O_blocks must be a floating torch.Tensor; got {getattr(W, 'dtype', type(W).__name__)}")
+    W = _tensor("W_O_blocks", W_O_blocks).to(G_V.device)
     if W.ndim < 3 or W.shape[:-3] != G_V.shape[:-2] or W.shape[-2] != G_V.shape[-1] or W.numel() == 0:
-        raise ValueError(
-            f"W_O_blocks must have shape (..., g, d, hidden) = {tuple(G_V.shape[:-2])} + (g, {G_V.shape[-1]}, "
-            f"hidden) to match G_V of shape {tuple(G_V.shape)}; got {tuple(W.shape)}"
-        )
-    if not bool(torch.isfinite(W).all()):
-        raise ValueError(f"W_O_blocks has {int((~torch.isfinite(W)).sum())} non-finite entries (NaN or inf)")
-    W = W.detach().to(device=G_V.device, dtype=torch.float64)
+        expected = f"{tuple(G_V.shape[:-2])} + (g, {G_V.shape[-1]}, hidden)"
+        raise ValueError(f"W_O_blocks must have shape {expected} to match G_V; got {tuple(W.shape)}")
     return kq(G_V, (W @ W.mT).sum(-3), R)
 
 
@@ -270,12 +274,12 @@ def logit_error(G_K: torch.Tensor, G_Q: torch.Tensor, A: torch.Tensor, B: torch.
     """
     G_K, G_Q = _pair(G_K, G_Q)
     d = G_K.shape[-1]
+    A, B = (_tensor(name, X).to(G_K.device) for name, X in (("A", A), ("B", B)))
     for name, X in (("A", A), ("B", B)):
-        if not isinstance(X, torch.Tensor) or X.ndim < 2 or X.shape[-2] != d or not 1 <= X.shape[-1] <= d:
+        if X.ndim < 2 or X.shape[-2] != d or not 1 <= X.shape[-1] <= d:
             raise ValueError(f"{name} must have shape (..., d={d}, R) with 1 <= R <= d; got {tuple(X.shape)}")
     if A.shape != B.shape:
         raise ValueError(f"A and B must have the same shape; got {tuple(A.shape)} and {tuple(B.shape)}")
-    A, B = (X.detach().to(device=G_K.device, dtype=torch.float64) for X in (A, B))
     E = torch.eye(d, dtype=torch.float64, device=G_K.device) - A @ B.mT
     return ((E.mT @ G_K @ E) * G_Q).sum((-2, -1))
 
@@ -294,12 +298,12 @@ def logit_energy(G_K: torch.Tensor, G_Q: torch.Tensor) -> torch.Tensor:
 
 
 def epsilon_gap(G_K: torch.Tensor, G_Q: torch.Tensor, R: int) -> torch.Tensor:
-    """How much worse :func:`k_svd` is than :func:`kq` on the logits: ε = ‖Σ_{:R}‖²_F − ‖Σ_{K,:R} V_{K,:R}ᵀ V_Q Σ_Q‖²_F.
+    """How much worse :func:`k_svd` is than :func:`kq` on the logits, from the Grams.
 
-    Σ are the singular values of K Qᵀ (of M, see :func:`kq`); the second term is
-    Σ_{j≤R} λ_{K,j} v_jᵀ G_Q v_j over the top-R eigenpairs (λ_{K,j}, v_j) of G_K. Since K P Qᵀ and
-    K (I − P) Qᵀ are orthogonal for P = V_{K,:R} V_{K,:R}ᵀ, ε = logit_error(k_svd) − logit_error(kq) ≥ 0
-    (up to rounding).
+    ε = ‖Σ_{:R}‖²_F − ‖Σ_{K,:R} V_{K,:R}ᵀ V_Q Σ_Q‖²_F, where Σ are the singular values of K Qᵀ (of M,
+    see :func:`kq`) and the second term is Σ_{j≤R} λ_{K,j} v_jᵀ G_Q v_j over the top-R eigenpairs
+    (λ_{K,j}, v_j) of G_K. Since K P Qᵀ and K (I − P) Qᵀ are orthogonal for P = V_{K,:R} V_{K,:R}ᵀ
+    (P commutes with G_K), ε = logit_error(k_svd) − logit_error(kq) ≥ 0 (up to rounding).
 
     Args:
         G_K: (..., d, d) key Gram KᵀK.

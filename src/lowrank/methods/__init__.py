@@ -17,6 +17,7 @@ from lowrank.methods.base import (
     weight_bytes,
 )
 from lowrank.methods.common import LowRankConfig, WhitenedConfig
+from lowrank.methods.kv_projection import KVProjectionConfig
 from lowrank.methods.svd import SVDConfig
 from lowrank.methods.svd_llm import SVDLLMConfig, collect_gram_statistics
 from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
@@ -34,6 +35,7 @@ __all__ = [
     "SVDConfig",
     "SVDLLMConfig",
     "SVDLLMV2Config",
+    "KVProjectionConfig",
     "collect_gram_statistics",
     "config_from_dict",
     "config_class",

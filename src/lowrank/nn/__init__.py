@@ -6,6 +6,7 @@ from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the mod
     factored_parameters,
     parameters_saved,
 )
+from lowrank.nn.low_rank_kv import KVProjection
 from lowrank.nn.registry import (
     build_replacement,
     describe_replacement,
@@ -15,6 +16,7 @@ from lowrank.nn.registry import (
 
 __all__ = [
     "LowRankLinear",
+    "KVProjection",
     "dense_parameters",
     "factored_parameters",
     "parameters_saved",

@@ -1,0 +1,282 @@
+"""Attention that caches projected keys and values: one wrapper for every family, one cache class.
+
+:class:`ProjectedAttention` replaces a transformers attention module without forking its code: it takes
+over the original's submodules, parameters and attributes (so the state-dict names do not change), runs
+the family's own ``forward``, and routes the attention call through a function registered with
+``transformers.AttentionInterface`` that applies the layer's :class:`~lowrank.nn.KVProjection` around the
+implementation the module used before (eager, sdpa, …):
+
+* ``rope="post"``: the projection acts on rotated keys. Queries become Q B, keys K A, values V C; the
+  attention runs at width R and each head's output is mapped back by Dᵀ before o_proj.
+* ``rope="pre"``: the projection acts on keys before RoPE: keys are un-rotated, encoded to K A,
+  reconstructed as (K A) Bᵀ and rotated again at their positions. Queries are untouched.
+
+:class:`ProjectedKVCache` (a ``DynamicCache``) stores the encoded keys and values, so the memory saving is
+real: ``generate``, the throughput harness and the KV-bytes measurement all use it once installed
+(:func:`lowrank.kv_cache.install_cache`). With any other cache, or none, the wrapper projects on the fly
+and computes the same logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lowrank.kv_cache import register_cache
+from lowrank.nn import KVProjection, register_replacement
+
+__all__ = ["ProjectedAttention", "ProjectedKVCache", "PROJECTED_IMPLEMENTATION", "rotate", "unrotate"]
+
+#: Name of the attention function registered with ``AttentionInterface``.
+PROJECTED_IMPLEMENTATION = "lowrank_projected_kv"
+ROPE_MODES = ("post", "pre")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half convention) of x: (b, h, t, d) with cos, sin: (b, t, d)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rotate` (rotation by the opposite angles)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos - _rotate_half(x) * sin
+
+
+@dataclass
+class _Call:
+    """What one forward call of a :class:`ProjectedAttention` needs inside the attention function."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    cache_projects: bool
+
+
+def family_attention_function(module: nn.Module, implementation: str):
+    """The attention function ``module``'s own modeling code would call for ``implementation``."""
+    modeling = sys.modules[type(module).__module__]
+    interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+    function = interface.get_interface(implementation, getattr(modeling, "eager_attention_forward", None))
+    if function is None:
+        raise ValueError(
+            f"{type(module).__name__} uses attention implementation {implementation!r} but "
+            f"{modeling.__name__} has no eager_attention_forward; use a registered one (e.g. 'sdpa')"
+        )
+    return function
+
+
+def _projected_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+    """Attention function: the layer's projections around the family's own implementation."""
+    call = module._call
+    if call is None:
+        raise RuntimeError(
+            f"attention implementation {PROJECTED_IMPLEMENTATION!r} runs inside ProjectedAttention"
+        )
+    kv: KVProjection = module.kv
+    if module.rope == "post":
+        if not call.cache_projects:
+            key, value = kv.encode_keys(key), kv.encode_values(value)
+        query = kv.map_queries(query)
+    elif not call.cache_projects:
+        cos, sin = call.position_embeddings
+        key = rotate(kv.decode_keys(kv.encode_keys(unrotate(key, cos, sin))), cos, sin)
+        value = kv.encode_values(value)
+    out, weights = module._inner_attention(module, query, key, value, attention_mask, *args, **kwargs)
+    return kv.decode_outputs(out), weights
+
+
+AttentionInterface.register(PROJECTED_IMPLEMENTATION, _projected_attention)
+
+
+@register_replacement
+class ProjectedAttention(nn.Module):
+    """A transformers attention module whose keys and values are cached through a :class:`KVProjection`.
+
+    Args:
+        attention: the module to wrap (its submodules and parameters are taken over, not copied).
+        projection: the layer's key/value projections.
+        rope: ``"post"`` (project rotated keys) or ``"pre"`` (project keys before RoPE).
+    """
+
+    def __init__(self, attention: nn.Module, projection: KVProjection, rope: str = "post") -> None:
+        super().__init__()
+        if rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}; got {rope!r}")
+        if isinstance(attention, ProjectedAttention):
+            raise ValueError("this attention module already caches projected keys and values")
+        for name, child in attention.named_children():
+            self.add_module(name, child)
+        for name, param in attention.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in attention.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in attention._non_persistent_buffers_set)
+        for name, value in vars(attention).items():
+            if not name.startswith("_") and name not in ("training", "config"):
+                object.__setattr__(self, name, value)
+        implementation = attention.config._attn_implementation or "eager"
+        config = copy.copy(attention.config)
+        config._attn_implementation = {"": PROJECTED_IMPLEMENTATION}  # dict form: sub-configs untouched
+        self.config = config
+        self.kv = projection
+        self.rope = rope
+        self.implementation = implementation
+        self._family = type(attention)
+        self._inner_attention = family_attention_function(attention, implementation)
+        self._call: _Call | None = None
+
+    def forward(self, *args: Any, **kwargs: Any):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        positions = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+        self._call = _Call(positions, isinstance(cache, ProjectedKVCache))
+        try:
+            return self._family.forward(self, *args, **kwargs)
+        finally:
+            self._call = None
+
+    def extra_repr(self) -> str:
+        return f"family={self._family.__name__}, rope={self.rope}, implementation={self.implementation}"
+
+    # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
+    def replacement_spec(self) -> dict[str, Any]:
+        kv = self.kv
+        return {
+            "num_heads": kv.num_heads,
+            "num_kv_heads": kv.num_kv_heads,
+            "head_dim": kv.head_dim,
+            "key_rank": kv.key_rank,
+            "value_rank": kv.value_rank,
+            "rope": self.rope,
+        }
+
+    @classmethod
+    def from_spec(
+        cls, spec, *, original=None, model_config=None, device=None, dtype=None
+    ) -> ProjectedAttention:
+        """Wrap ``original`` (the freshly built attention module) with empty maps shaped as ``spec``."""
+        if original is None:
+            raise ValueError(
+                "ProjectedAttention is rebuilt around the attention module it replaced; none given"
+            )
+        try:
+            projection = KVProjection(
+                int(spec["num_heads"]),
+                int(spec["num_kv_heads"]),
+                int(spec["head_dim"]),
+                int(spec["key_rank"]),
+                None if spec["value_rank"] is None else int(spec["value_rank"]),
+                device=device,
+                dtype=dtype,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"ProjectedAttention spec needs heads, head_dim and ranks; got {spec!r}"
+            ) from exc
+        return cls(original, projection, spec.get("rope", "post"))
+
+
+@register_cache
+class ProjectedKVCache(DynamicCache):
+    """A ``DynamicCache`` that stores K A and V C for the layers wrapped in :class:`ProjectedAttention`.
+
+    ``rope="post"`` layers return the stored codes (the attention runs at width R). ``rope="pre"`` layers
+    also store each token's position (int32, once per layer) and return the keys reconstructed and
+    rotated at those positions, recomputing cos/sin with the model's rotary embedding: 4 more bytes per
+    token and layer, and every cached key is reconstructed at every decoding step.
+    """
+
+    def __init__(
+        self, config=None, *, layers: dict[int, ProjectedAttention] | None = None, rotary=None
+    ) -> None:
+        super().__init__(config=config)
+        self.projected = dict(layers or {})
+        self.positions: dict[int, torch.Tensor] = {}
+        self._rotary = rotary
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ProjectedKVCache:
+        from lowrank.architectures import attention_info, get_arch_spec
+        from lowrank.surgery import get_module
+
+        layers = {
+            int(module.layer_idx): module
+            for module in model.modules()
+            if isinstance(module, ProjectedAttention)
+        }
+        rotary = None
+        pre = sorted(i for i, m in layers.items() if m.rope == "pre")
+        if pre:
+            spec, info = get_arch_spec(model), attention_info(model)
+            rotary = get_module(model, spec.rotary) if spec.rotary else None
+            if rotary is None or info.rotary_style != "rotate_half" or info.rotary_dim != info.shape.head_dim:
+                raise ValueError(
+                    "rope='pre' needs a full-width rotate-half rotary embedding (this model: "
+                    f"{info.rotary_style}, rotary_dim {info.rotary_dim} of {info.shape.head_dim}); "
+                    "use rope='post'"
+                )
+            sliding = [i for i in pre if info.sliding_window[i] is not None]
+            if sliding:
+                raise ValueError(
+                    f"rope='pre' is not supported on sliding-window layers {sliding}; use rope='post'"
+                )
+        return cls(config=model.config, layers=layers, rotary=rotary)
+
+    @classmethod
+    def bytes_per_token(cls, model: nn.Module) -> float:
+        """Analytic bytes per token: K A and V C of the projected layers (plus positions for ``pre``)."""
+        from lowrank.kv_cache import default_kv_bytes_per_token
+
+        total = default_kv_bytes_per_token(model)
+        for module in model.modules():
+            if isinstance(module, ProjectedAttention):
+                kv = module.kv
+                size = kv.key_down.element_size()
+                full = 2 * kv.num_kv_heads * kv.head_dim * size
+                kept = kv.num_kv_heads * (kv.key_rank + (kv.value_rank or kv.head_dim)) * size
+                total += kept - full + (4 if module.rope == "pre" else 0)
+        return float(total)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store the codes of the new tokens; return what the layer's attention function expects."""
+        module = self.projected.get(layer_idx)
+        if module is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        kv = module.kv
+        if module.rope == "post":
+            codes = (kv.encode_keys(key_states), kv.encode_values(value_states))
+            return super().update(*codes, layer_idx, *args, **kwargs)
+        cos, sin = module._call.position_embeddings
+        codes = (kv.encode_keys(unrotate(key_states, cos, sin)), kv.encode_values(value_states))
+        keys, values = super().update(*codes, layer_idx, *args, **kwargs)
+        new = self._new_positions(layer_idx, key_states.shape, kwargs, key_states.device)
+        previous = self.positions.get(layer_idx)
+        self.positions[layer_idx] = new if previous is None else torch.cat([previous, new], dim=-1)
+        cos_all, sin_all = self._tables(module, self.positions[layer_idx], key_states)
+        return rotate(kv.decode_keys(keys), cos_all, sin_all), values
+
+    def _new_positions(self, layer_idx: int, shape, kwargs, device) -> torch.Tensor:
+        start = 0 if layer_idx not in self.positions else self.positions[layer_idx].shape[-1]
+        call_kwargs = kwargs.get("kwargs") or {}  # the attention module passes its keyword arguments along
+        ids = call_kwargs.get("position_ids") if isinstance(call_kwargs, dict) else None
+        if ids is None:
+            ids = torch.arange(start, start + shape[-2], device=device).expand(shape[0], -1)
+        return ids.to(torch.int32)
+
+    def _tables(self, module: ProjectedAttention, positions: torch.Tensor, like: torch.Tensor):
+        params = inspect.signature(self._rotary.forward).parameters
+        extra = {}
+        if "layer_type" in params:
+            extra["layer_type"] = module.config.layer_types[module.layer_idx]
+        return self._rotary(like, positions.long(), **extra)

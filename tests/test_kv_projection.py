@@ -1,0 +1,133 @@
+"""kv-projection end to end on tiny models: exactness at full rank, a cache that really shrinks, cached
+decode equal to the uncached forward, save/load, stacking, and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, make_tiny_model, random_tokens
+
+from lowrank.evaluation.memory import memory_report
+from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
+from lowrank.kv_cache import installed_cache, kv_bytes_per_token, make_cache
+from lowrank.methods import KVProjectionConfig, SVDLLMConfig, compress
+from lowrank.serialization import load_compressed, save_compressed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDS = random_tokens(2, 24, seed=5)
+SLIDING = ("mistral", "gemma2", "gemma3_text")  # tiny configs with sliding-window layers
+
+
+def _calibration():
+    return random_tokens(16, 48)
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _decoded(model, ids=IDS, prompt=16):
+    """Logits of every position from a prefill of ``prompt`` tokens and one-token steps through the cache."""
+    cache = make_cache(model)
+    with torch.no_grad():
+        out = [model(ids[:, :prompt], cache=cache, use_cache=True).logits]
+        for t in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(out, dim=1), cache
+
+
+def _ropes(arch):
+    return ("post",) if arch in SLIDING else ("post", "pre")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_full_rank_reproduces_the_original_logits(arch):
+    for rope in _ropes(arch):
+        model = make_tiny_model(arch)
+        reference = _logits(model)
+        config = KVProjectionConfig(rank_fraction=1.0, kv_method="k-svd", value_method="v-svd", rope=rope)
+        compress(model, config, calibration=_calibration())
+        # orthogonal maps at R = d: A Aᵀ = I up to float32 rounding of the factors
+        torch.testing.assert_close(_logits(model), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_decode_equals_the_uncached_forward_and_the_cache_shrinks(arch):
+    for rope in _ropes(arch):
+        model = make_tiny_model(arch)
+        result = compress(model, KVProjectionConfig(rank_fraction=0.5, rope=rope), calibration=_calibration())
+        decoded, cache = _decoded(model)
+        assert isinstance(cache, ProjectedKVCache)
+        torch.testing.assert_close(decoded, _logits(model), rtol=1e-4, atol=1e-4)
+        # 2 layers × 2 KV heads × (8 + 8) float32 numbers per token (+ an int32 position per layer for pre)
+        expected = 2 * 2 * (8 + 8) * 4 + (2 * 4 if rope == "pre" else 0)
+        assert result.kv_bytes_per_token_after == kv_bytes_per_token(model) == expected
+        assert memory_report(model).kv_cache_bytes_per_token == expected
+        assert result.kv_bytes_per_token_before == 2 * 2 * 2 * 16 * 4
+
+
+def test_keys_only_keeps_values_at_full_width_and_generate_fills_the_projected_cache():
+    model = make_tiny_model("llama")
+    compress(model, KVProjectionConfig(rank_fraction=0.25, keys_only=True), calibration=_calibration())
+    assert memory_report(model).kv_cache_bytes_per_token == 2 * 2 * (4 + 16) * 4
+    out = model.generate(IDS[:1, :8], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.cache, ProjectedKVCache) and out.sequences.shape == (1, 13)
+    assert out.cache.layers[0].keys.shape[-1] == 4 and out.cache.layers[0].values.shape[-1] == 16
+
+
+def test_attention_optimal_keys_beat_k_svd_on_the_calibration_objective():
+    errors = {}
+    for method in ("k-svd", "eigen", "kq"):
+        result = compress(
+            make_tiny_model("qwen2"),
+            KVProjectionConfig(rank_fraction=0.25, kv_method=method),
+            calibration=_calibration(),
+        )
+        errors[method] = [e for m in result.modules.values() for e in m["logit_relative_error"]]
+    for kq, k_svd, eigen in zip(errors["kq"], errors["k-svd"], errors["eigen"], strict=True):
+        assert kq <= k_svd + 1e-9 and kq <= eigen + 1e-9
+    gaps = [g for m in result.modules.values() for g in m["epsilon_gap"]]
+    assert all(g >= -1e-9 for g in gaps)
+
+
+def test_save_load_and_stacking_with_weight_compression(tmp_path):
+    model = make_tiny_model("qwen3")
+    compress(model, SVDLLMConfig(ratio=0.3, targets=("re:.*mlp\\..*_proj",)), calibration=_calibration())
+    compress(model, KVProjectionConfig(rank_fraction=0.5, kv_method="kq-sum"), calibration=_calibration())
+    compress(
+        model, SVDLLMConfig(ratio=0.2, targets=("q_proj",)), calibration=_calibration()
+    )  # inside the wrapper
+    save_compressed(model, tmp_path / "m")
+    loaded, _ = load_compressed(tmp_path / "m")
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert installed_cache(loaded) == {"class": "ProjectedKVCache", "spec": {}}
+    assert isinstance(loaded.model.layers[1].self_attn, ProjectedAttention)
+    decoded, _ = _decoded(loaded)
+    torch.testing.assert_close(decoded, _logits(loaded), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank_fraction": 0.0}, "rank_fraction"),
+        ({"rank_fraction": 1.5}, "1.5"),
+        ({"kv_method": "pca"}, "'pca'"),
+        ({"rope": "both"}, "'both'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        KVProjectionConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_pre_rope_on_sliding_windows_is_refused_before_any_work():
+    model = make_tiny_model("mistral")
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        compress(model, KVProjectionConfig(rope="pre"), calibration=_calibration())
+    assert not any(isinstance(m, ProjectedAttention) for m in model.modules())
+    compress(model, KVProjectionConfig(rank_fraction=0.5), calibration=_calibration())
+    with pytest.raises(ValueError, match="already caches projected"):
+        compress(model, KVProjectionConfig(rank_fraction=0.5), calibration=_calibration())
