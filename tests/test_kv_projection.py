@@ -11,6 +11,7 @@ from lowrank.evaluation.memory import memory_report
 from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
 from lowrank.kv_cache import installed_cache, kv_bytes_per_token, make_cache
 from lowrank.methods import KVProjectionConfig, SVDLLMConfig, compress
+from lowrank.methods.kv_projection import allocate_ranks
 from lowrank.serialization import load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +89,7 @@ def test_attention_optimal_keys_beat_k_svd_on_the_calibration_objective():
         errors[method] = [e for m in result.modules.values() for e in m["logit_relative_error"]]
     for kq, k_svd, eigen in zip(errors["kq"], errors["k-svd"], errors["eigen"], strict=True):
         assert kq <= k_svd + 1e-9 and kq <= eigen + 1e-9
-    gaps = [g for m in result.modules.values() for g in m["epsilon_gap"]]
+    gaps = [g for m in result.modules.values() for g in m["epsilon_gap_relative"]]
     assert all(g >= -1e-9 for g in gaps)
 
 
@@ -129,5 +130,32 @@ def test_pre_rope_on_sliding_windows_is_refused_before_any_work():
         compress(model, KVProjectionConfig(rope="pre"), calibration=_calibration())
     assert not any(isinstance(m, ProjectedAttention) for m in model.modules())
     compress(model, KVProjectionConfig(rank_fraction=0.5), calibration=_calibration())
-    with pytest.raises(ValueError, match="already caches projected"):
+    with pytest.raises(ValueError, match="already caches compressed"):
         compress(model, KVProjectionConfig(rank_fraction=0.5), calibration=_calibration())
+
+
+def test_budget_allocation_keeps_the_total_and_lowers_the_calibration_error():
+    ids = random_tokens(16, 48)
+    common = dict(rank_fraction=0.25, calibration={"sequential": False})
+    uniform = compress(
+        make_tiny_model("llama", num_hidden_layers=4), KVProjectionConfig(**common), calibration=ids
+    )
+    budget_model = make_tiny_model("llama", num_hidden_layers=4)
+    budget = compress(budget_model, KVProjectionConfig(rank_allocation="budget", **common), calibration=ids)
+    assert sum(budget.details["key_ranks"]) == sum(uniform.details["key_ranks"]) == 4 * 4
+    assert sum(budget.details["value_ranks"]) == 16
+
+    def total(result):
+        return sum(e for m in result.modules.values() for e in m["logit_relative_error"])
+
+    assert total(budget) <= total(uniform) + 1e-9
+    assert memory_report(budget_model).kv_cache_bytes_per_token == budget.kv_bytes_per_token_after
+
+
+def test_greedy_rank_allocation_takes_the_largest_error_drops():
+    steep, flat = [1.0, 0.2, 0.1, 0.05], [1.0, 0.9, 0.8, 0.7]
+    assert allocate_ranks([steep, flat], 3) == [2, 1]  # steep's first drop (0.8) is the largest
+    assert allocate_ranks([steep, flat], 2) == [1, 1]
+    assert allocate_ranks([steep, flat], 8) == [4, 4]
+    with pytest.raises(ValueError, match="budget of 9"):
+        allocate_ranks([steep, flat], 9)

@@ -127,6 +127,12 @@ def test_every_registered_method_on_every_architecture(tmp_path, arch, method):
     cls = config_class(method)
     model = make_tiny_model(arch)
     ids = random_tokens(2, 16, seed=7)
+    reason = cls.unsupported(model)
+    if reason:  # refused up front, with one line saying why
+        with pytest.raises(ValueError, match="does not support") as info:
+            compress(model, cls(**cls.example), calibration=random_tokens(16, 48))
+        assert reason in str(info.value) and "\n" not in str(info.value)
+        return
     result = compress(
         model, cls(**cls.example), calibration=random_tokens(16, 48) if cls.calibrated else None
     )

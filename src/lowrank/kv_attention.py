@@ -1,19 +1,24 @@
-"""Attention that caches projected keys and values: one wrapper for every family, one cache class.
+"""Attention that caches compressed keys and values: one wrapper for every family, one cache class.
 
 :class:`ProjectedAttention` replaces a transformers attention module without forking its code: it takes
 over the original's submodules, parameters and attributes (so the state-dict names do not change), runs
 the family's own ``forward``, and routes the attention call through a function registered with
-``transformers.AttentionInterface`` that applies the layer's :class:`~lowrank.nn.KVProjection` around the
-implementation the module used before (eager, sdpa, …):
+``transformers.AttentionInterface`` that applies the layer's *codec* around the implementation the module
+used before (eager, sdpa, …). A codec (an ``nn.Module``) has three methods:
 
-* ``rope="post"``: the projection acts on rotated keys. Queries become Q B, keys K A, values V C; the
-  attention runs at width R and each head's output is mapped back by Dᵀ before o_proj.
-* ``rope="pre"``: the projection acts on keys before RoPE: keys are un-rotated, encoded to K A,
-  reconstructed as (K A) Bᵀ and rotated again at their positions. Queries are untouched.
+* ``encode(keys, values, rope_tables) -> (key_codes, value_codes)``: what the cache stores for new rotated
+  keys and values;
+* ``attend(queries, key_codes, value_codes, rope_tables, keys_decoded=...) -> (q, k, v)``: what the
+  attention function computes with (queries mapped into the codes' space, up-projections absorbed);
+* ``decode(outputs)``: each head's attention output back to head_dim before o_proj;
 
-:class:`ProjectedKVCache` (a ``DynamicCache``) stores the encoded keys and values, so the memory saving is
-real: ``generate``, the throughput harness and the KV-bytes measurement all use it once installed
-(:func:`lowrank.kv_cache.install_cache`). With any other cache, or none, the wrapper projects on the fly
+plus ``cached_numbers()`` and ``codec_spec()``/``from_codec_spec()``. Two codecs exist:
+:class:`~lowrank.nn.KVProjection` (low-rank KV-cache projections, RoPE ``post`` or ``pre``) and
+:class:`~lowrank.nn.LatentKV` (MHA→MLA: partial RoPE plus a latent shared by keys and values).
+
+:class:`ProjectedKVCache` (a ``DynamicCache``) stores the codes, so the memory saving is real:
+``generate``, the throughput harness and the KV-bytes measurement all use it once installed
+(:func:`lowrank.kv_cache.install_cache`). With any other cache, or none, the wrapper encodes on the fly
 and computes the same logits.
 """
 
@@ -31,30 +36,16 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lowrank.kv_cache import register_cache
-from lowrank.nn import KVProjection, register_replacement
+from lowrank.nn import KVProjection, LatentKV, register_replacement
+from lowrank.nn.rope import rotate
 
-__all__ = ["ProjectedAttention", "ProjectedKVCache", "PROJECTED_IMPLEMENTATION", "rotate", "unrotate"]
+__all__ = ["ProjectedAttention", "ProjectedKVCache", "PROJECTED_IMPLEMENTATION", "CODECS"]
 
 #: Name of the attention function registered with ``AttentionInterface``.
 PROJECTED_IMPLEMENTATION = "lowrank_projected_kv"
-ROPE_MODES = ("post", "pre")
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE (rotate-half convention) of x: (b, h, t, d) with cos, sin: (b, t, d)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
-
-
-def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`rotate` (rotation by the opposite angles)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos - _rotate_half(x) * sin
+#: Codec classes by name (what a saved model records).
+CODECS: dict[str, type[nn.Module]] = {"KVProjection": KVProjection, "LatentKV": LatentKV}
 
 
 @dataclass
@@ -79,23 +70,20 @@ def family_attention_function(module: nn.Module, implementation: str):
 
 
 def _projected_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-    """Attention function: the layer's projections around the family's own implementation."""
+    """Attention function: the layer's codec around the family's own implementation."""
     call = module._call
     if call is None:
         raise RuntimeError(
             f"attention implementation {PROJECTED_IMPLEMENTATION!r} runs inside ProjectedAttention"
         )
-    kv: KVProjection = module.kv
-    if module.rope == "post":
-        if not call.cache_projects:
-            key, value = kv.encode_keys(key), kv.encode_values(value)
-        query = kv.map_queries(query)
-    elif not call.cache_projects:
-        cos, sin = call.position_embeddings
-        key = rotate(kv.decode_keys(kv.encode_keys(unrotate(key, cos, sin))), cos, sin)
-        value = kv.encode_values(value)
+    codec = module.kv
+    if not call.cache_projects:
+        key, value = codec.encode(key, value, call.position_embeddings)
+    query, key, value = codec.attend(
+        query, key, value, call.position_embeddings, keys_decoded=call.cache_projects
+    )
     out, weights = module._inner_attention(module, query, key, value, attention_mask, *args, **kwargs)
-    return kv.decode_outputs(out), weights
+    return codec.decode(out), weights
 
 
 AttentionInterface.register(PROJECTED_IMPLEMENTATION, _projected_attention)
@@ -103,18 +91,15 @@ AttentionInterface.register(PROJECTED_IMPLEMENTATION, _projected_attention)
 
 @register_replacement
 class ProjectedAttention(nn.Module):
-    """A transformers attention module whose keys and values are cached through a :class:`KVProjection`.
+    """A transformers attention module whose keys and values are cached through a codec.
 
     Args:
         attention: the module to wrap (its submodules and parameters are taken over, not copied).
-        projection: the layer's key/value projections.
-        rope: ``"post"`` (project rotated keys) or ``"pre"`` (project keys before RoPE).
+        codec: the layer's :class:`~lowrank.nn.KVProjection` or :class:`~lowrank.nn.LatentKV`.
     """
 
-    def __init__(self, attention: nn.Module, projection: KVProjection, rope: str = "post") -> None:
+    def __init__(self, attention: nn.Module, codec: nn.Module) -> None:
         super().__init__()
-        if rope not in ROPE_MODES:
-            raise ValueError(f"rope must be one of {ROPE_MODES}; got {rope!r}")
         if isinstance(attention, ProjectedAttention):
             raise ValueError("this attention module already caches projected keys and values")
         for name, child in attention.named_children():
@@ -130,8 +115,7 @@ class ProjectedAttention(nn.Module):
         config = copy.copy(attention.config)
         config._attn_implementation = {"": PROJECTED_IMPLEMENTATION}  # dict form: sub-configs untouched
         self.config = config
-        self.kv = projection
-        self.rope = rope
+        self.kv = codec
         self.implementation = implementation
         self._family = type(attention)
         self._inner_attention = family_attention_function(attention, implementation)
@@ -147,44 +131,35 @@ class ProjectedAttention(nn.Module):
             self._call = None
 
     def extra_repr(self) -> str:
-        return f"family={self._family.__name__}, rope={self.rope}, implementation={self.implementation}"
+        return f"family={self._family.__name__}, implementation={self.implementation}"
 
     # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     def replacement_spec(self) -> dict[str, Any]:
-        kv = self.kv
-        return {
-            "num_heads": kv.num_heads,
-            "num_kv_heads": kv.num_kv_heads,
-            "head_dim": kv.head_dim,
-            "key_rank": kv.key_rank,
-            "value_rank": kv.value_rank,
-            "rope": self.rope,
-        }
+        return {"codec": type(self.kv).__name__, **self.kv.codec_spec()}
 
     @classmethod
     def from_spec(
         cls, spec, *, original=None, model_config=None, device=None, dtype=None
     ) -> ProjectedAttention:
-        """Wrap ``original`` (the freshly built attention module) with empty maps shaped as ``spec``."""
+        """Wrap ``original`` (the freshly built attention module) with an empty codec shaped as ``spec``."""
         if original is None:
             raise ValueError(
                 "ProjectedAttention is rebuilt around the attention module it replaced; none given"
             )
+        spec = dict(spec)
+        name = spec.pop("codec", "KVProjection")
+        if name not in CODECS:
+            raise ValueError(f"unknown KV codec {name!r}; known: {', '.join(CODECS)}")
         try:
-            projection = KVProjection(
-                int(spec["num_heads"]),
-                int(spec["num_kv_heads"]),
-                int(spec["head_dim"]),
-                int(spec["key_rank"]),
-                None if spec["value_rank"] is None else int(spec["value_rank"]),
-                device=device,
-                dtype=dtype,
-            )
+            codec = CODECS[name].from_codec_spec(spec, device=device, dtype=dtype)
         except (KeyError, TypeError) as exc:
-            raise ValueError(
-                f"ProjectedAttention spec needs heads, head_dim and ranks; got {spec!r}"
-            ) from exc
-        return cls(original, projection, spec.get("rope", "post"))
+            raise ValueError(f"ProjectedAttention spec for {name} is incomplete: {spec!r}") from exc
+        return cls(original, codec)
+
+
+def _pre(module: ProjectedAttention) -> bool:
+    """The layer reconstructs its keys before RoPE (the cache must keep positions)."""
+    return getattr(module.kv, "rope", None) == "pre"
 
 
 @register_cache
@@ -216,7 +191,7 @@ class ProjectedKVCache(DynamicCache):
             if isinstance(module, ProjectedAttention)
         }
         rotary = None
-        pre = sorted(i for i, m in layers.items() if m.rope == "pre")
+        pre = sorted(i for i, m in layers.items() if _pre(m))
         if pre:
             spec, info = get_arch_spec(model), attention_info(model)
             rotary = get_module(model, spec.rotary) if spec.rotary else None
@@ -241,11 +216,10 @@ class ProjectedKVCache(DynamicCache):
         total = default_kv_bytes_per_token(model)
         for module in model.modules():
             if isinstance(module, ProjectedAttention):
-                kv = module.kv
-                size = kv.key_down.element_size()
-                full = 2 * kv.num_kv_heads * kv.head_dim * size
-                kept = kv.num_kv_heads * (kv.key_rank + (kv.value_rank or kv.head_dim)) * size
-                total += kept - full + (4 if module.rope == "pre" else 0)
+                codec = module.kv
+                size = next(codec.parameters()).element_size()
+                full = 2 * codec.num_kv_heads * codec.head_dim * size
+                total += codec.cached_numbers() * size - full + (4 if _pre(module) else 0)
         return float(total)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -253,18 +227,15 @@ class ProjectedKVCache(DynamicCache):
         module = self.projected.get(layer_idx)
         if module is None:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        kv = module.kv
-        if module.rope == "post":
-            codes = (kv.encode_keys(key_states), kv.encode_values(value_states))
-            return super().update(*codes, layer_idx, *args, **kwargs)
-        cos, sin = module._call.position_embeddings
-        codes = (kv.encode_keys(unrotate(key_states, cos, sin)), kv.encode_values(value_states))
+        codes = module.kv.encode(key_states, value_states, module._call.position_embeddings)
         keys, values = super().update(*codes, layer_idx, *args, **kwargs)
+        if not _pre(module):
+            return keys, values
         new = self._new_positions(layer_idx, key_states.shape, kwargs, key_states.device)
         previous = self.positions.get(layer_idx)
         self.positions[layer_idx] = new if previous is None else torch.cat([previous, new], dim=-1)
         cos_all, sin_all = self._tables(module, self.positions[layer_idx], key_states)
-        return rotate(kv.decode_keys(keys), cos_all, sin_all), values
+        return rotate(module.kv.decode_keys(keys), cos_all, sin_all), values
 
     def _new_positions(self, layer_idx: int, shape, kwargs, device) -> torch.Tensor:
         start = 0 if layer_idx not in self.positions else self.positions[layer_idx].shape[-1]

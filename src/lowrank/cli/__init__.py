@@ -20,7 +20,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Order is the order shown by ``lowrank --help``.
-SUBCOMMANDS = ("prepare", "evaluate", "compress", "demo", "bench")
+SUBCOMMANDS = ("prepare", "evaluate", "compress", "demo", "bench", "kv-analyze")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"lowrank.cli.{name}")
+        module = importlib.import_module(f"lowrank.cli.{name.replace('-', '_')}")
         module.register(sub)
         if name == command and hasattr(module, "add_derived_flags"):
             module.add_derived_flags(sub.choices[name])

@@ -18,6 +18,7 @@ from lowrank.methods.base import (
 )
 from lowrank.methods.common import LowRankConfig, WhitenedConfig
 from lowrank.methods.kv_projection import KVProjectionConfig
+from lowrank.methods.mla import MLAConfig
 from lowrank.methods.svd import SVDConfig
 from lowrank.methods.svd_llm import SVDLLMConfig, collect_gram_statistics
 from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
@@ -36,6 +37,7 @@ __all__ = [
     "SVDLLMConfig",
     "SVDLLMV2Config",
     "KVProjectionConfig",
+    "MLAConfig",
     "collect_gram_statistics",
     "config_from_dict",
     "config_class",

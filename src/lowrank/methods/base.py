@@ -70,6 +70,11 @@ class MethodConfig:
             if isinstance(value, dict):
                 setattr(self, f, kind.from_dict(value))
 
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        """Why the method cannot be applied to ``model`` (one line), or ``None``; checked before any work."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with a ``"method"`` key; nested configs serialise through their ``to_dict``."""
         out: dict[str, Any] = {"method": self.method}
@@ -251,6 +256,9 @@ def compress(
         )
     from lowrank.linalg import fallback_counts
 
+    reason = type(config).unsupported(model)
+    if reason:
+        raise ValueError(f"method {config.method!r} does not support {type(model).__name__}: {reason}")
     ctx = RunContext(model, calibration=calibration, device=device, checkpoint_dir=checkpoint_dir)
     parameters, size, kv = count_parameters(model), weight_bytes(model), _kv_bytes(model)
     before = fallback_counts()

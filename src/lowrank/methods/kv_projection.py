@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.architectures import attention_info, get_arch_spec
+from lowrank.architectures import attention_info, decoder_layers, get_arch_spec
 from lowrank.attention_stats import attention_request
 from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
 from lowrank.kv_cache import install_cache
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 KEY_METHODS = ("k-svd", "eigen", "kq", "kq-sum")
 VALUE_METHODS = ("v-svd", "wo-aware")
 ROPE_MODES = ("post", "pre")
+RANK_ALLOCATIONS = ("uniform", "budget")
 
 
 @dataclass(kw_only=True)
@@ -67,6 +69,10 @@ class KVProjectionConfig(MethodConfig):
     """Project the keys only; values stay at full width."""
     rope: str = field(default="post", metadata={"choices": ROPE_MODES})
     """``post``: project rotated keys; ``pre``: project keys before RoPE, rotate after reconstructing."""
+    rank_allocation: str = field(default="uniform", metadata={"choices": RANK_ALLOCATIONS})
+    """``uniform``: R = rank_fraction · d in every layer; ``budget``: the same total of cached dimensions
+    spread over the layers (keys and values separately) to minimise the summed relative calibration error,
+    from every layer's error at every rank (an extra non-sequential analysis pass)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
     """Calibration data and accumulation settings (see :class:`lowrank.pipeline.CalibrationConfig`)."""
 
@@ -85,6 +91,12 @@ class KVProjectionConfig(MethodConfig):
             )
         if not isinstance(self.calibration, CalibrationConfig):
             raise ValueError(f"calibration must be a CalibrationConfig or its dict; got {self.calibration!r}")
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        if any(isinstance(m, ProjectedAttention) for m in model.modules()):
+            return "its attention already caches compressed keys and values (kv-projection or mla applied)"
+        return None
 
     def rank(self, head_dim: int) -> int:
         """R for heads of ``head_dim`` dimensions: round(rank_fraction · d), at least 1."""
@@ -116,39 +128,96 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.to_linear().weight
 
 
-def _project_layer(layer: nn.Module, stats: Any, config: KVProjectionConfig, attention: str, ctx) -> dict:
+def _maps(
+    stats: Any, config: KVProjectionConfig, o_weight: torch.Tensor, key_rank: int, value_rank: int | None
+):
+    keys = key_maps(stats, config.kv_method, config.rope, key_rank)
+    if value_rank is None:
+        return keys, None
+    return keys, value_maps(stats, config.value_method, o_weight, stats.group_size, value_rank)
+
+
+def _value_grams(stats: Any, o_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(VᵀV, Σ_i W_{O,i} W_{O,i}ᵀ) per KV head: the value path's objective as a "KQᵀ" problem."""
+    kv_heads, d = stats.vv.shape[0], stats.vv.shape[-1]
+    blocks = o_weight.detach().to(torch.float64).T.reshape(kv_heads, stats.group_size, d, -1)
+    return stats.vv, (blocks @ blocks.mT).sum(1).to(stats.vv.device)
+
+
+def _relative(
+    G_K: torch.Tensor, G_Q: torch.Tensor, maps: kvp.Projection, R: int | None = None
+) -> torch.Tensor:
+    A, B = (maps.A, maps.B) if R is None else (maps.A[..., :R], maps.B[..., :R])
+    return kvp.logit_error(G_K, G_Q, A, B) / kvp.logit_energy(G_K, G_Q).clamp_min(1e-300)
+
+
+def error_curves(stats: Any, config: KVProjectionConfig, o_weight: torch.Tensor) -> dict[str, list[float]]:
+    """Relative calibration errors of the layer (summed over KV heads) at every rank 1 … d.
+
+    Every method's rank-R maps are the first R columns of its rank-d maps (nested eigen/singular
+    vectors), so one decomposition gives the whole curve.
+    """
+    d = stats.head_dim
+    keys, values = _maps(stats, config, o_weight, d, None if config.keys_only else d)
+    G_K, G_Q = getattr(stats, f"kk_{config.rope}"), getattr(stats, f"qq_group_{config.rope}")
+    out = {"keys": [float(_relative(G_K, G_Q, keys, R).sum()) for R in range(1, d + 1)]}
+    if values is not None:
+        G_V, G_W = _value_grams(stats, o_weight)
+        out["values"] = [float(_relative(G_V, G_W, values, R).sum()) for R in range(1, d + 1)]
+    return out
+
+
+def allocate_ranks(curves: list[list[float]], total: int) -> list[int]:
+    """Ranks (≥ 1, ≤ len(curve)) summing to ``total`` that greedily minimise Σ_l curve_l[R_l − 1].
+
+    Raises:
+        ValueError: ``total`` outside [len(curves), Σ len(curve)].
+    """
+    ranks = [1] * len(curves)
+    if not len(curves) <= total <= sum(map(len, curves)):
+        raise ValueError(f"a budget of {total} dimensions cannot give {len(curves)} layers 1 … d each")
+    heap = [(curve[1] - curve[0], i) for i, curve in enumerate(curves) if len(curve) > 1]
+    heapq.heapify(heap)
+    for _ in range(total - len(curves)):
+        _, i = heapq.heappop(heap)
+        ranks[i] += 1
+        if ranks[i] < len(curves[i]):
+            heapq.heappush(heap, (curves[i][ranks[i]] - curves[i][ranks[i] - 1], i))
+    return ranks
+
+
+def _project_layer(
+    layer: nn.Module, stats: Any, config: KVProjectionConfig, ranks, attention: str, ctx
+) -> dict:
     """Replace the layer's attention by a :class:`ProjectedAttention` built from its Grams ``stats``."""
     attn = get_module(layer, attention)
-    d, group = stats.head_dim, stats.group_size
-    R = config.rank(d)
+    key_rank, value_rank = ranks
     ref = next(attn.parameters())
+    o_weight = _dense_weight(attn.o_proj)
     with ctx.timings.measure("decomposition"):
-        keys = key_maps(stats, config.kv_method, config.rope, R)
-        values = (
-            None
-            if config.keys_only
-            else value_maps(stats, config.value_method, _dense_weight(attn.o_proj), group, R)
-        )
-        G_Q = getattr(stats, f"qq_group_{config.rope}")
-        G_K = getattr(stats, f"kk_{config.rope}")
-        error = kvp.logit_error(G_K, G_Q, keys.A, keys.B) / kvp.logit_energy(G_K, G_Q).clamp_min(1e-300)
-        gap = kvp.epsilon_gap(G_K, G_Q, R)
+        keys, values = _maps(stats, config, o_weight, key_rank, value_rank)
+        G_K, G_Q = getattr(stats, f"kk_{config.rope}"), getattr(stats, f"qq_group_{config.rope}")
+        gap = kvp.epsilon_gap(G_K, G_Q, key_rank) / kvp.logit_energy(G_K, G_Q).clamp_min(1e-300)
         projection = KVProjection.from_maps(
             stats.num_heads,
             keys.A.to(ref.device),
             keys.B.to(ref.device),
             None if values is None else values.A.to(ref.device),
             None if values is None else values.B.to(ref.device),
+            rope=config.rope,
             dtype=ref.dtype,
         )
-        replace_module(layer, attention, ProjectedAttention(attn, projection, config.rope))
-    return {
-        "key_rank": R,
-        "value_rank": None if values is None else R,
-        "logit_relative_error": [float(e) for e in error],
-        "epsilon_gap": [float(g) for g in gap],
+        replace_module(layer, attention, ProjectedAttention(attn, projection))
+    record = {
+        "key_rank": key_rank,
+        "value_rank": value_rank,
+        "logit_relative_error": [float(e) for e in _relative(G_K, G_Q, keys)],
+        "epsilon_gap_relative": [float(g) for g in gap],
         "tokens": stats.tokens,
     }
+    if values is not None:
+        record["value_relative_error"] = [float(e) for e in _relative(*_value_grams(stats, o_weight), values)]
+    return record
 
 
 @register_method(KVProjectionConfig)
@@ -157,6 +226,9 @@ def compress_kv_projection(
 ) -> CompressionResult:
     """Handler of ``method='kv-projection'``: a calibrated pass of per-head Grams, then the projections."""
     spec, info = get_arch_spec(model), attention_info(model)
+    sliding = [i for i, w in enumerate(info.sliding_window) if w is not None]
+    if config.rope == "pre" and sliding:
+        raise ValueError(f"rope='pre' is not supported on sliding-window layers {sliding}; use rope='post'")
     if config.rope == "pre" and (
         info.rotary_style != "rotate_half" or info.rotary_dim != info.shape.head_dim
     ):
@@ -164,27 +236,24 @@ def compress_kv_projection(
             f"rope='pre' needs full-width rotate-half RoPE; this model has {info.rotary_style} RoPE on "
             f"{info.rotary_dim} of {info.shape.head_dim} dimensions; use rope='post'"
         )
-    sliding = [i for i, w in enumerate(info.sliding_window) if w is not None]
-    if config.rope == "pre" and sliding:
-        raise ValueError(f"rope='pre' is not supported on sliding-window layers {sliding}; use rope='post'")
-    if any(isinstance(m, ProjectedAttention) for m in model.modules()):
-        raise ValueError(
-            "the model's attention already caches projected keys and values (kv-projection applied)"
-        )
     dtype = config.calibration.dtype
 
     def requests(index: int, layer: nn.Module):
         return {"attention": attention_request(model, dtype=dtype)}
 
+    ranks = _layer_ranks(model, config, requests, ctx, spec.attention, info.shape.head_dim)
+
     def process(index: int, layer: nn.Module, stats: dict) -> dict[str, Any]:
-        return {"entry": _project_layer(layer, stats["attention"], config, spec.attention, ctx)}
+        entry = _project_layer(layer, stats["attention"], config, ranks[index], spec.attention, ctx)
+        return {"entry": entry}
 
     records = ctx.layer_pass(
         requests,
         process,
         calibration=config.calibration,
-        key=config.to_dict(),
+        key={"project": config.to_dict(), "ranks": ranks},
         min_tokens_for=info.shape.head_dim,
+        checkpoint="project",
         desc="kv-projection",
     )
     install_cache(model, ProjectedKVCache, {})
@@ -192,17 +261,50 @@ def compress_kv_projection(
         f"{spec.layers}.{r['layer']}.{spec.attention}": {"kind": "attention", **r["entry"]} for r in records
     }
     errors = [e for m in modules.values() for e in m["logit_relative_error"]]
+    d = info.shape.head_dim
+    kept = sum(k + (v or d) for k, v in ranks) / (2 * d * len(ranks))
     return CompressionResult(
         method=config.method,
         config=config.to_dict(),
         modules=modules,
         details={
-            "key_rank": config.rank(info.shape.head_dim),
-            "value_rank": None if config.keys_only else config.rank(info.shape.head_dim),
-            "head_dim": info.shape.head_dim,
-            "rank_fraction (R/d, cached dimensions KEPT)": config.rank(info.shape.head_dim)
-            / info.shape.head_dim,
+            "key_ranks": [k for k, _ in ranks],
+            "value_ranks": [v for _, v in ranks],
+            "head_dim": d,
+            "kv_fraction (cached K+V dimensions KEPT in the projected layers)": round(kept, 6),
             "mean_logit_relative_error (calibration)": sum(errors) / len(errors),
             "cache_class": "ProjectedKVCache",
         },
     )
+
+
+def _layer_ranks(model, config: KVProjectionConfig, requests, ctx: RunContext, attention: str, d: int):
+    """(key rank, value rank or None) of every layer: uniform, or the budget spread by error curves."""
+    count = len(decoder_layers(model))
+    R = config.rank(d)
+    uniform = [(R, None if config.keys_only else R)] * count
+    if config.rank_allocation == "uniform":
+        return uniform
+    if not config.calibration.sequential:  # one set of statistics serves both passes
+        ctx.precompute(requests, config.calibration)
+
+    def curves(index: int, layer: nn.Module, stats: dict) -> dict[str, Any]:
+        o_weight = _dense_weight(get_module(layer, attention).o_proj)
+        with ctx.timings.measure("decomposition"):
+            return {"curves": error_curves(stats["attention"], config, o_weight)}
+
+    records = ctx.layer_pass(
+        requests,
+        curves,
+        calibration=config.calibration,
+        key={"curves": config.to_dict()},
+        sequential=False,
+        modifies=False,
+        checkpoint="curves",
+        desc="kv-analysis",
+    )
+    keys = allocate_ranks([r["curves"]["keys"] for r in records], R * count)
+    if config.keys_only:
+        return [(k, None) for k in keys]
+    values = allocate_ranks([r["curves"]["values"] for r in records], R * count)
+    return list(zip(keys, values, strict=True))

@@ -6,6 +6,7 @@ from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the mod
     factored_parameters,
     parameters_saved,
 )
+from lowrank.nn.latent_kv import LatentKV
 from lowrank.nn.low_rank_kv import KVProjection
 from lowrank.nn.registry import (
     build_replacement,
@@ -17,6 +18,7 @@ from lowrank.nn.registry import (
 __all__ = [
     "LowRankLinear",
     "KVProjection",
+    "LatentKV",
     "dense_parameters",
     "factored_parameters",
     "parameters_saved",

@@ -9,14 +9,24 @@ have B = A (D = C); the attention-optimal ones are oblique. With R = d and A Báµ
 
 Tensor layouts follow transformers' attention functions: queries (b, H, t, d), keys and values
 (b, H_kv, t, d), attention outputs (b, t, H, d).
+
+As a *codec* of :class:`lowrank.kv_attention.ProjectedAttention` it works in one of two RoPE modes:
+``post`` projects rotated keys (queries become Q B); ``pre`` projects keys before RoPE (they are
+un-rotated, encoded, and at attention time reconstructed as (K A) Báµ€ and rotated again).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["KVProjection"]
+from lowrank.nn.rope import rotate, unrotate
+
+__all__ = ["KVProjection", "ROPE_MODES"]
+
+ROPE_MODES = ("post", "pre")
 
 
 class KVProjection(nn.Module):
@@ -28,6 +38,7 @@ class KVProjection(nn.Module):
         head_dim: d.
         key_rank: R_k, the cached key width per KV head, in [1, d].
         value_rank: R_v in [1, d], or ``None`` to cache values at full width.
+        rope: ``"post"`` or ``"pre"`` (see the module docstring).
         device, dtype: where and how the (uninitialised) maps are allocated.
     """
 
@@ -39,10 +50,14 @@ class KVProjection(nn.Module):
         key_rank: int,
         value_rank: int | None = None,
         *,
+        rope: str = "post",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}; got {rope!r}")
+        self.rope = rope
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         for name, rank in (("key_rank", key_rank), ("value_rank", value_rank)):
@@ -74,6 +89,7 @@ class KVProjection(nn.Module):
         C: torch.Tensor | None = None,
         D: torch.Tensor | None = None,
         *,
+        rope: str = "post",
         dtype: torch.dtype | None = None,
     ) -> KVProjection:
         """Build from A, B: (H_kv, d, R_k) and optionally C, D: (H_kv, d, R_v)."""
@@ -90,9 +106,8 @@ class KVProjection(nn.Module):
             )
         kv_heads, d, key_rank = A.shape
         dtype = dtype or A.dtype
-        module = cls(
-            num_heads, kv_heads, d, key_rank, None if C is None else C.shape[2], device=A.device, dtype=dtype
-        )
+        value_rank = None if C is None else C.shape[2]
+        module = cls(num_heads, kv_heads, d, key_rank, value_rank, rope=rope, device=A.device, dtype=dtype)
         with torch.no_grad():
             module.key_down.copy_(A)
             module.query_map.copy_(B)
@@ -128,8 +143,61 @@ class KVProjection(nn.Module):
             return outputs
         return torch.einsum("bthr,hdr->bthd", outputs, self._per_query_head(self.value_up).to(outputs.dtype))
 
+    # -- codec protocol (see lowrank.kv_attention) ------------------------------------------------
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, rope_tables
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores for new rotated ``keys`` and ``values``: (K A, V C)."""
+        if self.rope == "pre":
+            keys = unrotate(keys, *rope_tables)
+        return self.encode_keys(keys), self.encode_values(values)
+
+    def attend(self, queries, key_codes, value_codes, rope_tables, *, keys_decoded: bool = False):
+        """(queries, keys, values) for the attention function from rotated queries and stored codes.
+
+        ``rope_tables`` are the cos/sin of the codes' positions; ``keys_decoded``: the cache already
+        reconstructed and rotated the keys (``pre`` mode, where positions differ from the queries').
+        """
+        if self.rope == "post":
+            return self.map_queries(queries), key_codes, value_codes
+        if not keys_decoded:
+            key_codes = rotate(self.decode_keys(key_codes), *rope_tables)
+        return queries, key_codes, value_codes
+
+    def decode(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Each head's attention output back to d dimensions."""
+        return self.decode_outputs(outputs)
+
+    def cached_numbers(self) -> int:
+        """Numbers cached per token and layer (over all KV heads)."""
+        return self.num_kv_heads * (self.key_rank + (self.value_rank or self.head_dim))
+
+    def codec_spec(self) -> dict[str, Any]:
+        return {
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "key_rank": self.key_rank,
+            "value_rank": self.value_rank,
+            "rope": self.rope,
+        }
+
+    @classmethod
+    def from_codec_spec(cls, spec: dict[str, Any], *, device=None, dtype=None) -> KVProjection:
+        value_rank = spec["value_rank"]
+        return cls(
+            int(spec["num_heads"]),
+            int(spec["num_kv_heads"]),
+            int(spec["head_dim"]),
+            int(spec["key_rank"]),
+            None if value_rank is None else int(value_rank),
+            rope=spec.get("rope", "post"),
+            device=device,
+            dtype=dtype,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"key_rank={self.key_rank}, value_rank={self.value_rank}"
+            f"key_rank={self.key_rank}, value_rank={self.value_rank}, rope={self.rope}"
         )

@@ -1,0 +1,330 @@
+"""KV-cache projections on the built-in model: perplexity, KV bytes per token and decode speed per method.
+
+    python benchmarks/kv_projection.py                      # the full run (results/kv_projection_cpu.*)
+    python benchmarks/kv_projection.py --resume             # continue an interrupted run
+    python benchmarks/kv_projection.py --max-configs 2 --calib-samples 2 --calib-seq-len 128 \\
+        --windows 1 --windows-shakespeare 1 --eval-seq-len 128 --prompt-len 64 --gen-len 2 \\
+        --results-dir /tmp/kv_smoke                         # a smoke test in a few minutes
+
+The model is loaded once and the per-head attention Grams (pre- and post-RoPE, :class:`AttentionGrams`) of
+the UNCHANGED model are collected ONCE on wiki calibration windows; every configuration compresses a deep
+copy from them (non-sequential calibration) and is evaluated on the same held-out windows as the baseline.
+Each finished configuration is written to ``<results-dir>/<out-name>.partial.json`` so ``--resume``
+continues. Decode speed at ``--prompt-len`` cached tokens is measured last, interleaved with the baseline
+(:func:`lowrank.evaluation.paired_throughput`), and reported as ratios to it.
+
+Conventions: R/d = cached dimensions kept per KV head (keys, and values unless keys only); KV bytes per
+token are measured on the real cache object after a forward pass (:func:`lowrank.evaluation.memory_report`).
+The last line printed is one JSON line with device, torch version and git SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS_DIR, env_info, final_line  # noqa: E402
+
+KEY_METHODS = ("k-svd", "eigen", "kq", "kq-sum")
+SPEED_DEFAULT = ["kq/KV-wo-aware/post/uniform/R=0.5", "kq/KV-wo-aware/pre/uniform/R=0.5"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib-samples", type=int, default=16, help="wiki calibration windows (default 16)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument("--windows", type=int, default=2, help="wiki test windows (default 2)")
+    p.add_argument("--windows-shakespeare", type=int, default=1, help="shakespeare test windows (1)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (512)")
+    p.add_argument("--rank-fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="R/d values")
+    p.add_argument("--methods", nargs="+", choices=KEY_METHODS, default=list(KEY_METHODS))
+    p.add_argument("--max-configs", type=int, default=None, help="measure only the first N configurations")
+    p.add_argument(
+        "--speed-configs", nargs="*", default=SPEED_DEFAULT, help="config keys timed against the baseline"
+    )
+    p.add_argument("--prompt-len", type=int, default=2048, help="cached tokens before decoding (2048)")
+    p.add_argument("--gen-len", type=int, default=8, help="decoded tokens per timed run (8)")
+    p.add_argument("--speed-repeats", type=int, default=1, help="interleaved timed rounds (1)")
+    p.add_argument("--no-throughput", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="skip configurations in the partial file")
+    p.add_argument("--report-only", action="store_true", help="write the report from the partial file only")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out-name", default="kv_projection_cpu", help="results file stem")
+    return p
+
+
+def _spec(kv: str, R: float, *, keys_only=False, value="wo-aware", rope="post", alloc="uniform") -> dict:
+    cached = "K" if keys_only else f"KV-{value}"
+    return {
+        "key": f"{kv}/{cached}/{rope}/{alloc}/R={R}",
+        "kv_method": kv,
+        "value_method": None if keys_only else value,
+        "keys_only": keys_only,
+        "rope": rope,
+        "rank_allocation": alloc,
+        "rank_fraction": R,
+    }
+
+
+def plan_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every configuration in run order, the most informative first (an interrupted run still says most)."""
+    Rs, methods = args.rank_fractions, args.methods
+    plan = [_spec(kv, R) for R in Rs for kv in methods]  # keys + W_O-aware values, post-RoPE, uniform
+    plan += [_spec(kv, R, rope="pre") for R in Rs for kv in ("k-svd", "kq") if kv in methods]
+    plan += [_spec("kq", R, alloc="budget") for R in Rs if "kq" in methods]
+    plan += [_spec(kv, R, keys_only=True) for R in Rs for kv in methods]
+    plan += [_spec("kq", R, value="v-svd") for R in Rs if "kq" in methods]
+    return plan[: args.max_configs] if args.max_configs else plan
+
+
+def make_config(spec: dict[str, Any]):
+    from lowrank.methods.kv_projection import KVProjectionConfig
+
+    return KVProjectionConfig(
+        kv_method=spec["kv_method"],
+        value_method=spec["value_method"] or "wo-aware",
+        rank_fraction=spec["rank_fraction"],
+        keys_only=spec["keys_only"],
+        rope=spec["rope"],
+        rank_allocation=spec["rank_allocation"],
+        calibration={"sequential": False},
+    )
+
+
+class Runner:
+    """Holds the model, the evaluation tokens and the shared attention Grams."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from lowrank.data import calibration_batches, load_text, tokenize
+        from lowrank.models import load_model
+
+        self.args = args
+        self.model, self.tokenizer = load_model(args.model)
+        self.eval_ids = {
+            "wiki": (tokenize(self.tokenizer, load_text("wiki", "test")), args.windows),
+            "shakespeare": (tokenize(self.tokenizer, load_text("shakespeare", "test")), args.windows_shakespeare),
+        }
+        self.calib = calibration_batches(
+            self.tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=args.seed
+        )
+        self._stats = None
+        self.stats_seconds = None
+
+    @property
+    def stats(self):
+        """:class:`CalibrationStatistics` of every layer's attention, collected on first use."""
+        if self._stats is None:
+            from lowrank.attention_stats import attention_request
+            from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
+
+            cal = CalibrationConfig(
+                sequential=False, samples=self.args.calib_samples, seq_len=self.args.calib_seq_len
+            )
+            start = time.perf_counter()
+            self._stats = collect_calibration_statistics(
+                self.model, self.calib, lambda i, layer: {"attention": attention_request(self.model)}, cal
+            )
+            self.stats_seconds = round(time.perf_counter() - start, 1)
+        return self._stats
+
+    def evaluate(self, model) -> dict[str, Any]:
+        from lowrank.evaluation import memory_report, perplexity
+
+        out: dict[str, Any] = {"perplexity": {}}
+        for corpus, (ids, windows) in self.eval_ids.items():
+            start = time.perf_counter()
+            r = perplexity(
+                model, self.tokenizer, ids, seq_len=self.args.eval_seq_len, max_windows=windows, progress=False
+            )
+            out["perplexity"][corpus] = {**r.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
+        mem = memory_report(model, tokens=64)
+        out["kv_bytes_per_token"] = mem.kv_cache_bytes_per_token
+        out["kv_cache_class"] = mem.kv_cache_class
+        out["parameters"] = mem.parameters
+        return out
+
+    def compressed(self, spec: dict[str, Any]):
+        """A compressed deep copy of the model and the compression result."""
+        from lowrank.methods import compress
+
+        model = copy.deepcopy(self.model)
+        result = compress(model, make_config(spec), calibration=self.stats)
+        return model, result
+
+    def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
+        model, result = self.compressed(spec)
+        record = {**spec, **_summarise(result), **self.evaluate(model)}
+        del model
+        return record
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _summarise(result) -> dict[str, Any]:
+    """Ranks and calibration errors (relative squared errors, mean over layers and KV heads)."""
+    mods = result.modules.values()
+    return {
+        "key_ranks": result.details["key_ranks"],
+        "value_ranks": result.details["value_ranks"],
+        "kv_fraction_kept": result.details["kv_fraction (cached K+V dimensions KEPT in the projected layers)"],
+        "logit_error_calibration": _mean([e for m in mods for e in m["logit_relative_error"]]),
+        "epsilon_gap_calibration": _mean([e for m in mods for e in m["epsilon_gap_relative"]]),
+        "value_error_calibration": _mean([e for m in mods for e in m.get("value_relative_error", [])]),
+        "compress_seconds": round(result.time_total_s, 1),
+    }
+
+
+def measure_speed(runner: Runner, keys: list[str], plan: list[dict[str, Any]]) -> dict[str, Any]:
+    """Decode/prefill speed of the baseline and ``keys``, interleaved, with ratios to the baseline."""
+    from lowrank.evaluation import paired_throughput
+
+    specs = {s["key"]: s for s in plan}
+    models = {"baseline": runner.model}
+    for key in keys:
+        models[key] = runner.compressed(specs[key])[0]
+    a = runner.args
+    res = paired_throughput(
+        models, prompt_len=a.prompt_len, gen_len=a.gen_len, repeats=a.speed_repeats, progress=False
+    )
+    base = res["baseline"]
+    return {
+        name: {
+            **r.to_dict(),
+            "decode_ratio": r.decode_tokens_per_s / base.decode_tokens_per_s,
+            "prefill_ratio": r.prefill_tokens_per_s / base.prefill_tokens_per_s,
+        }
+        for name, r in res.items()
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("model", "calib_samples", "calib_seq_len", "seed", "windows", "windows_shakespeare")
+    return {**{k: getattr(args, k) for k in keys}, "eval_seq_len": args.eval_seq_len}
+
+
+def _load_partial(path: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+    if resume and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("settings") == settings:
+            return data
+        print(f"partial results were measured with other settings ({data.get('settings')}); starting over")
+    return {"settings": settings, "configs": {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    import torch
+
+    from lowrank.io import write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before, started = os.getloadavg(), time.perf_counter()
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.results_dir / f"{args.out_name}.partial.json"
+    state = _load_partial(partial, _settings(args), args.resume or args.report_only)
+    done = state["configs"]
+    runner = Runner(args)
+    plan = plan_configs(args)
+    if not args.report_only:
+        if "baseline" not in done:
+            done["baseline"] = {"key": "baseline", **runner.evaluate(runner.model)}
+            write_json(partial, state)
+        for i, spec in enumerate(plan):
+            if spec["key"] in done:
+                continue
+            t0 = time.perf_counter()
+            done[spec["key"]] = rec = runner.measure(spec)
+            state["calibration_seconds"] = state.get("calibration_seconds") or runner.stats_seconds
+            write_json(partial, state)
+            print(
+                f"[{i + 1}/{len(plan)}] {spec['key']}: wiki {rec['perplexity']['wiki']['perplexity']:.4g}, "
+                f"shakespeare {rec['perplexity']['shakespeare']['perplexity']:.4g}, "
+                f"{rec['kv_bytes_per_token']:.0f} B/token, logit err {rec['logit_error_calibration']:.4f}, "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        speed_keys = [k for k in args.speed_configs if k in {s["key"] for s in plan}]
+        if not args.no_throughput and speed_keys and "throughput" not in state:
+            t0 = time.perf_counter()
+            state["throughput"] = measure_speed(runner, speed_keys, plan)
+            state["throughput_seconds"] = round(time.perf_counter() - t0, 1)
+            write_json(partial, state)
+    return _finish(args, state, runner, plan, load_before, time.perf_counter() - started)
+
+
+def _finish(args, state, runner, plan, load_before, seconds) -> int:
+    import torch
+    from _kv_report import figure, markdown
+
+    from lowrank.io import write_json, write_text
+
+    env = env_info("cpu")
+    state["wall_seconds"] = round(state.get("wall_seconds", 0.0) + seconds, 1)
+    payload = {
+        "benchmark": "kv_projection",
+        "conventions": {
+            "R/d": "cached dimensions kept per KV head (keys; values too unless keys only)",
+            "kv_bytes_per_token": "bytes of every tensor in the model's real cache after a 64-token forward "
+            "pass, per token (lowrank.evaluation.memory_report)",
+            "logit_error_calibration": "‖K Qᵀ − K A Bᵀ Qᵀ‖²/‖K Qᵀ‖² over the calibration tokens, every query "
+            "head of the KV group kept, mean over layers and KV heads (squared relative error)",
+            "epsilon_gap_calibration": "the seed's ε (k-svd minus attention-optimal error bound) divided by "
+            "‖K Qᵀ‖², same averaging",
+            "decode_ratio": "decode tokens/s over the baseline's, interleaved in the same run",
+        },
+        "settings": state["settings"],
+        "calibration_tokens": int(runner.calib.numel()),
+        "calibration_seconds": state.get("calibration_seconds"),
+        "configs": state["configs"],
+        "throughput": state.get("throughput"),
+        "throughput_workload": {"prompt_len": args.prompt_len, "gen_len": args.gen_len},
+        "throughput_seconds": state.get("throughput_seconds"),
+        "env": env,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
+        "wall_seconds": state["wall_seconds"],
+        "notes": args.note,
+        "missing": [s["key"] for s in plan if s["key"] not in state["configs"]],
+    }
+    if not args.no_figures:
+        payload["figures"] = [figure(payload, args.results_dir, args.out_name)]
+    text = markdown(payload)
+    write_json(args.results_dir / f"{args.out_name}.json", payload)
+    write_text(args.results_dir / f"{args.out_name}.md", text)
+    print(text)
+    base = state["configs"]["baseline"]
+    speed = {k: round(v["decode_ratio"], 3) for k, v in (state.get("throughput") or {}).items()}
+    print(
+        final_line(
+            benchmark="kv_projection",
+            device=env["device_name"],
+            torch=env["torch"],
+            git_sha=env["git_sha"],
+            configs=len(state["configs"]) - 1,
+            ppl_wiki_baseline=round(base["perplexity"]["wiki"]["perplexity"], 3),
+            kv_bytes_per_token_baseline=base["kv_bytes_per_token"],
+            decode_ratio=speed,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
