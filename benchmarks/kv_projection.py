@@ -48,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (512)")
     p.add_argument("--rank-fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="R/d values")
     p.add_argument("--methods", nargs="+", choices=KEY_METHODS, default=list(KEY_METHODS))
+    p.add_argument(
+        "--mla-fractions",
+        type=float,
+        nargs="*",
+        default=[0.75, 0.5, 0.25],
+        help="kv_fraction of the MLA rows at the same KV bytes (MLAConfig defaults otherwise; empty: none)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="measure only configurations whose key starts with one of these prefixes",
+    )
     p.add_argument("--max-configs", type=int, default=None, help="measure only the first N configurations")
     p.add_argument(
         "--speed-configs", nargs="*", default=SPEED_DEFAULT, help="config keys timed against the baseline"
@@ -79,19 +92,39 @@ def _spec(kv: str, R: float, *, keys_only=False, value="wo-aware", rope="post", 
     }
 
 
+def _mla_spec(fraction: float) -> dict[str, Any]:
+    """MLA (partial RoPE + joint latent, the method's defaults) keeping ``fraction`` of the KV numbers."""
+    return {
+        "key": f"mla/rope_dim=8,2-norm,joint/R={fraction}",
+        "kv_method": "mla",
+        "value_method": None,
+        "keys_only": False,
+        "rope": "partial",
+        "rank_allocation": "uniform",
+        "rank_fraction": fraction,
+    }
+
+
 def plan_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every configuration in run order, the most informative first (an interrupted run still says most)."""
     Rs, methods = args.rank_fractions, args.methods
     plan = [_spec(kv, R) for R in Rs for kv in methods]  # keys + W_O-aware values, post-RoPE, uniform
+    plan += [_mla_spec(f) for f in args.mla_fractions]
     plan += [_spec(kv, R, rope="pre") for R in Rs for kv in ("k-svd", "kq") if kv in methods]
     plan += [_spec("kq", R, alloc="budget") for R in Rs if "kq" in methods]
     plan += [_spec(kv, R, keys_only=True) for R in Rs for kv in methods]
     plan += [_spec("kq", R, value="v-svd") for R in Rs if "kq" in methods]
+    if args.only is not None:
+        plan = [s for s in plan if any(s["key"].startswith(prefix) for prefix in args.only)]
     return plan[: args.max_configs] if args.max_configs else plan
 
 
 def make_config(spec: dict[str, Any]):
     from lowrank.methods.kv_projection import KVProjectionConfig
+    from lowrank.methods.mla import MLAConfig
+
+    if spec["kv_method"] == "mla":
+        return MLAConfig(kv_fraction=spec["rank_fraction"], calibration={"sequential": False})
 
     return KVProjectionConfig(
         kv_method=spec["kv_method"],
@@ -115,10 +148,17 @@ class Runner:
         self.model, self.tokenizer = load_model(args.model)
         self.eval_ids = {
             "wiki": (tokenize(self.tokenizer, load_text("wiki", "test")), args.windows),
-            "shakespeare": (tokenize(self.tokenizer, load_text("shakespeare", "test")), args.windows_shakespeare),
+            "shakespeare": (
+                tokenize(self.tokenizer, load_text("shakespeare", "test")),
+                args.windows_shakespeare,
+            ),
         }
         self.calib = calibration_batches(
-            self.tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=args.seed
+            self.tokenizer,
+            load_text("wiki", "calibration"),
+            args.calib_samples,
+            args.calib_seq_len,
+            seed=args.seed,
         )
         self._stats = None
         self.stats_seconds = None
@@ -147,7 +187,12 @@ class Runner:
         for corpus, (ids, windows) in self.eval_ids.items():
             start = time.perf_counter()
             r = perplexity(
-                model, self.tokenizer, ids, seq_len=self.args.eval_seq_len, max_windows=windows, progress=False
+                model,
+                self.tokenizer,
+                ids,
+                seq_len=self.args.eval_seq_len,
+                max_windows=windows,
+                progress=False,
             )
             out["perplexity"][corpus] = {**r.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
         mem = memory_report(model, tokens=64)
@@ -178,10 +223,22 @@ def _mean(xs: list[float]) -> float | None:
 def _summarise(result) -> dict[str, Any]:
     """Ranks and calibration errors (relative squared errors, mean over layers and KV heads)."""
     mods = result.modules.values()
+    if result.method == "mla":
+        return {
+            "kv_fraction_kept": result.details["kv_fraction (KV-cache numbers KEPT)"],
+            "kv_rank": result.details["kv_rank (latent numbers per KV head)"],
+            "mla_relative_loss": result.details["mean_relative_loss"],
+            "logit_error_calibration": None,
+            "epsilon_gap_calibration": None,
+            "value_error_calibration": None,
+            "compress_seconds": round(result.time_total_s, 1),
+        }
     return {
         "key_ranks": result.details["key_ranks"],
         "value_ranks": result.details["value_ranks"],
-        "kv_fraction_kept": result.details["kv_fraction (cached K+V dimensions KEPT in the projected layers)"],
+        "kv_fraction_kept": result.details[
+            "kv_fraction (cached K+V dimensions KEPT in the projected layers)"
+        ],
         "logit_error_calibration": _mean([e for m in mods for e in m["logit_relative_error"]]),
         "epsilon_gap_calibration": _mean([e for m in mods for e in m["epsilon_gap_relative"]]),
         "value_error_calibration": _mean([e for m in mods for e in m.get("value_relative_error", [])]),
@@ -246,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         if "baseline" not in done:
             done["baseline"] = {"key": "baseline", **runner.evaluate(runner.model)}
             write_json(partial, state)
+        speed_keys = [k for k in args.speed_configs if k in {s["key"] for s in plan}]
+        if not args.no_throughput and speed_keys and "throughput" not in state:  # first: the scarcest row
+            runner.stats  # the calibration pass is timed on its own  # noqa: B018
+            t0 = time.perf_counter()
+            state["throughput"] = measure_speed(runner, speed_keys, plan)
+            state["throughput_seconds"] = round(time.perf_counter() - t0, 1)
+            state["calibration_seconds"] = runner.stats_seconds
+            write_json(partial, state)
+            print(f"decode speed measured in {state['throughput_seconds']:.0f} s", flush=True)
         for i, spec in enumerate(plan):
             if spec["key"] in done:
                 continue
@@ -256,16 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[{i + 1}/{len(plan)}] {spec['key']}: wiki {rec['perplexity']['wiki']['perplexity']:.4g}, "
                 f"shakespeare {rec['perplexity']['shakespeare']['perplexity']:.4g}, "
-                f"{rec['kv_bytes_per_token']:.0f} B/token, logit err {rec['logit_error_calibration']:.4f}, "
+                f"{rec['kv_bytes_per_token']:.0f} B/token, "
+                f"logit err {rec['logit_error_calibration'] or 0:.4f}, "
                 f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
-        speed_keys = [k for k in args.speed_configs if k in {s["key"] for s in plan}]
-        if not args.no_throughput and speed_keys and "throughput" not in state:
-            t0 = time.perf_counter()
-            state["throughput"] = measure_speed(runner, speed_keys, plan)
-            state["throughput_seconds"] = round(time.perf_counter() - t0, 1)
-            write_json(partial, state)
     return _finish(args, state, runner, plan, load_before, time.perf_counter() - started)
 
 
@@ -276,7 +337,9 @@ def _finish(args, state, runner, plan, load_before, seconds) -> int:
     from lowrank.io import write_json, write_text
 
     env = env_info("cpu")
-    state["wall_seconds"] = round(state.get("wall_seconds", 0.0) + seconds, 1)
+    if not args.report_only:  # every invocation's wall time, so a resumed run reports its total
+        state.setdefault("invocation_seconds", []).append(round(seconds, 1))
+        write_json(args.results_dir / f"{args.out_name}.partial.json", state)
     payload = {
         "benchmark": "kv_projection",
         "conventions": {
@@ -299,7 +362,8 @@ def _finish(args, state, runner, plan, load_before, seconds) -> int:
         "env": env,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
-        "wall_seconds": state["wall_seconds"],
+        "wall_seconds": round(sum(state.get("invocation_seconds", [])), 1),
+        "invocation_seconds": state.get("invocation_seconds", []),
         "notes": args.note,
         "missing": [s["key"] for s in plan if s["key"] not in state["configs"]],
     }

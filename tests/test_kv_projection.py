@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _decoding import decoded, logits
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
 from lowrank.evaluation.memory import memory_report
 from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
-from lowrank.kv_cache import installed_cache, kv_bytes_per_token, make_cache
+from lowrank.kv_cache import installed_cache, kv_bytes_per_token
 from lowrank.methods import KVProjectionConfig, SVDLLMConfig, compress
 from lowrank.methods.kv_projection import allocate_ranks
 from lowrank.serialization import load_compressed, save_compressed
@@ -24,21 +25,6 @@ def _calibration():
     return random_tokens(16, 48)
 
 
-def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _decoded(model, ids=IDS, prompt=16):
-    """Logits of every position from a prefill of ``prompt`` tokens and one-token steps through the cache."""
-    cache = make_cache(model)
-    with torch.no_grad():
-        out = [model(ids[:, :prompt], cache=cache, use_cache=True).logits]
-        for t in range(prompt, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(out, dim=1), cache
-
-
 def _ropes(arch):
     return ("post",) if arch in SLIDING else ("post", "pre")
 
@@ -47,11 +33,11 @@ def _ropes(arch):
 def test_full_rank_reproduces_the_original_logits(arch):
     for rope in _ropes(arch):
         model = make_tiny_model(arch)
-        reference = _logits(model)
+        reference = logits(model, IDS)
         config = KVProjectionConfig(rank_fraction=1.0, kv_method="k-svd", value_method="v-svd", rope=rope)
         compress(model, config, calibration=_calibration())
         # orthogonal maps at R = d: A Aᵀ = I up to float32 rounding of the factors
-        torch.testing.assert_close(_logits(model), reference, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits(model, IDS), reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -59,9 +45,9 @@ def test_cached_decode_equals_the_uncached_forward_and_the_cache_shrinks(arch):
     for rope in _ropes(arch):
         model = make_tiny_model(arch)
         result = compress(model, KVProjectionConfig(rank_fraction=0.5, rope=rope), calibration=_calibration())
-        decoded, cache = _decoded(model)
+        stepwise, cache = decoded(model, IDS)
         assert isinstance(cache, ProjectedKVCache)
-        torch.testing.assert_close(decoded, _logits(model), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stepwise, logits(model, IDS), rtol=1e-4, atol=1e-4)
         # 2 layers × 2 KV heads × (8 + 8) float32 numbers per token (+ an int32 position per layer for pre)
         expected = 2 * 2 * (8 + 8) * 4 + (2 * 4 if rope == "pre" else 0)
         assert result.kv_bytes_per_token_after == kv_bytes_per_token(model) == expected
@@ -102,11 +88,11 @@ def test_save_load_and_stacking_with_weight_compression(tmp_path):
     )  # inside the wrapper
     save_compressed(model, tmp_path / "m")
     loaded, _ = load_compressed(tmp_path / "m")
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
     assert installed_cache(loaded) == {"class": "ProjectedKVCache", "spec": {}}
     assert isinstance(loaded.model.layers[1].self_attn, ProjectedAttention)
-    decoded, _ = _decoded(loaded)
-    torch.testing.assert_close(decoded, _logits(loaded), rtol=1e-4, atol=1e-4)
+    stepwise, _ = decoded(loaded, IDS)
+    torch.testing.assert_close(stepwise, logits(loaded, IDS), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -221,7 +221,7 @@ def test_targets_and_ignore_select_modules():
 def test_config_round_trips_through_dict(config):
     data = config.to_dict()
     assert config_from_dict(data) == config
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="unknown .* field"):
         config_from_dict({**data, "bogus": 1})
     with pytest.raises(ValueError, match="unknown method"):
         config_from_dict({**data, "method": "asvd"})

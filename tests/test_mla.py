@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _decoding import decoded, logits
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
 from lowrank.evaluation.memory import memory_report
 from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
-from lowrank.kv_cache import make_cache
 from lowrank.linalg import get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods import MLAConfig, SVDLLMConfig, compress
@@ -22,27 +22,13 @@ IDS = random_tokens(2, 24, seed=5)
 SUPPORTED = [a for a in ARCHITECTURES if a not in ("qwen3", "gemma3_text")]  # no q/k norms
 
 
-def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _decoded(model, ids=IDS, prompt=16):
-    cache = make_cache(model)
-    with torch.no_grad():
-        out = [model(ids[:, :prompt], cache=cache, use_cache=True).logits]
-        for t in range(prompt, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(out, dim=1), cache
-
-
 @pytest.mark.parametrize("kv_heads", [2, 4])  # GQA and MHA
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_every_pair_kept_and_a_full_latent_reproduce_the_original(arch, kv_heads):
     model = make_tiny_model(arch, num_key_value_heads=kv_heads)
-    reference = _logits(model)
+    reference = logits(model, IDS)
     result = compress(model, MLAConfig(rope_dim=16, kv_rank=16), calibration=random_tokens(16, 48))
-    torch.testing.assert_close(_logits(model), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(model, IDS), reference, rtol=1e-4, atol=1e-4)
     assert result.kv_bytes_per_token_after == result.kv_bytes_per_token_before
 
 
@@ -52,9 +38,9 @@ def test_cached_decode_equals_the_uncached_forward_and_bytes_are_as_predicted(ar
     model = make_tiny_model(arch)
     config = MLAConfig(rope_dim=4, kv_rank=8, latent=latent, whiten=latent == "split")
     result = compress(model, config, calibration=random_tokens(16, 48))
-    decoded, cache = _decoded(model)
+    stepwise, cache = decoded(model, IDS)
     assert isinstance(cache, ProjectedKVCache)
-    torch.testing.assert_close(decoded, _logits(model), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepwise, logits(model, IDS), rtol=1e-4, atol=1e-4)
     expected = 2 * 2 * (4 + 8) * 4  # layers × KV heads × (rope dims + latent) × float32
     assert result.kv_bytes_per_token_after == memory_report(model).kv_cache_bytes_per_token == expected
     assert result.details["kv_fraction (KV-cache numbers KEPT)"] == 12 / 32
@@ -71,7 +57,7 @@ def test_generate_fills_the_latent_cache_and_the_model_reloads_bit_for_bit(tmp_p
     assert out.cache.layers[0].values.shape[-1] == 0  # joint latent: nothing else stored
     save_compressed(model, tmp_path / "m")
     loaded, _ = load_compressed(tmp_path / "m")
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
     assert memory_report(loaded).kv_cache_bytes_per_token == 2 * 2 * 16 * 4
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank._dataclass import from_json_object
 from lowrank.calibration import Statistic, StatRequest, Timings, check_calibration_size
 from lowrank.dtypes import resolve_dtype
 from lowrank.layerwise import collect_statistics, process_statistics, run_layerwise
@@ -85,13 +86,7 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise a one-line ``ValueError``."""
-        if not isinstance(data, dict):
-            raise ValueError(f"calibration config must be a JSON object; got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown calibration field(s) {unknown}; valid: {sorted(names)}")
-        return cls(**data)
+        return from_json_object(cls, data, "calibration")
 
 
 def calibration_tokens(config: CalibrationConfig, tokenizer: Any) -> torch.Tensor:

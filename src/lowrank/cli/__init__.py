@@ -20,7 +20,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Order is the order shown by ``lowrank --help``.
-SUBCOMMANDS = ("prepare", "evaluate", "compress", "demo", "bench", "kv-analyze")
+SUBCOMMANDS = ("prepare", "evaluate", "compress", "heal", "demo", "bench", "kv-analyze")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lowrank._dataclass import from_json_object
 from lowrank.linalg._checks import check_matrix, check_rank
 from lowrank.linalg.adaptive import rank_by_tolerance
 from lowrank.linalg.exact import EXACT_METHODS, truncated_svd
@@ -107,13 +108,7 @@ class DecomposerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecomposerConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"decomposer config must be a dict; got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown decomposer config keys {unknown}; valid: {sorted(known)}")
-        return cls(**d)
+        return from_json_object(cls, d, "decomposer")
 
 
 class Decomposer:

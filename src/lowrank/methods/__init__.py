@@ -17,6 +17,7 @@ from lowrank.methods.base import (
     weight_bytes,
 )
 from lowrank.methods.common import LowRankConfig, WhitenedConfig
+from lowrank.methods.heal import HealConfig
 from lowrank.methods.kv_projection import KVProjectionConfig
 from lowrank.methods.mla import MLAConfig
 from lowrank.methods.svd import SVDConfig
@@ -38,6 +39,7 @@ __all__ = [
     "SVDLLMV2Config",
     "KVProjectionConfig",
     "MLAConfig",
+    "HealConfig",
     "collect_gram_statistics",
     "config_from_dict",
     "config_class",

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from lowrank._dataclass import from_json_object
 from lowrank.pipeline import RunContext
 
 __all__ = [
@@ -96,11 +97,7 @@ class MethodConfig:
         method = data.pop("method", cls.method)
         if method != cls.method:
             raise ValueError(f"config is for method {method!r}, not {cls.method!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown} for method {cls.method!r}; valid: {sorted(names)}")
-        return cls(**data)
+        return from_json_object(cls, data, cls.method)
 
 
 def nested_fields(cls: type) -> dict[str, type]:

@@ -1,0 +1,212 @@
+"""Healing: a distillation fine-tune lowers the loss of a compressed model without changing its structure,
+resumes bit for bit after an interruption, and refuses bad settings in one line."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _tiny import save_tiny_model_dir, tiny_text, tiny_tokenizer
+from conftest import make_tiny_model, random_tokens
+
+import lowrank.methods.heal as heal_module
+from lowrank.cli import main
+from lowrank.kv_cache import kv_bytes_per_token
+from lowrank.methods import HealConfig, MLAConfig, SVDLLMConfig, applied_methods, compress, count_parameters
+from lowrank.methods.heal import distillation_loss, heal, trainable_parameters
+from lowrank.serialization import load_compressed, read_manifest, save_compressed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEQ_LEN = 32
+
+
+def _config(**overrides) -> HealConfig:
+    # kd_weight 1: the random tokens carry no next-token signal, only the teacher's logits do
+    settings = dict(
+        teacher="self",
+        tokens=24 * SEQ_LEN,
+        batch_size=4,
+        heldout_sequences=8,
+        eval_every=2,
+        patience=10,
+        kd_weight=1.0,
+        learning_rate=3e-4,
+        calibration={"seq_len": SEQ_LEN},
+    )
+    return HealConfig(**{**settings, **overrides})
+
+
+def _ids() -> torch.Tensor:
+    return random_tokens(32, SEQ_LEN, seed=3)
+
+
+def _compressed(teacher, method=None):
+    student = copy.deepcopy(teacher)
+    compress(student, method or SVDLLMConfig(ratio=0.5), calibration=random_tokens(16, 48))
+    return student
+
+
+@pytest.fixture
+def pair():
+    teacher = make_tiny_model("llama")
+    return teacher, _compressed(teacher)
+
+
+def _kl(student, teacher, ids) -> float:
+    with torch.no_grad():
+        loss, _, _ = distillation_loss(
+            student(ids).logits, teacher(ids).logits, ids, temperature=1.0, kd_weight=1.0
+        )
+    return float(loss)
+
+
+def _ranks(model) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if hasattr(m, "rank")}
+
+
+def test_healing_lowers_training_and_heldout_loss(pair):
+    teacher, student = pair
+    ids, config = _ids(), _config()
+    train = ids[: config.training_sequences(SEQ_LEN)]
+    before = _kl(student, teacher, train)
+    details = heal(student, teacher, ids, config, progress=False)
+    assert _kl(student, teacher, train) < before
+    assert details["heldout_loss_after"] < details["heldout_loss_before"]
+    assert details["heldout_loss_after"] == pytest.approx(_kl(student, teacher, ids[-8:]), rel=1e-5)
+    assert details["steps"] == math.ceil(24 / 4) and details["tokens_trained"] == 24 * SEQ_LEN
+
+
+@pytest.mark.parametrize("method", [SVDLLMConfig(ratio=0.5), MLAConfig(**MLAConfig.example)])
+def test_only_replaced_parameters_change_and_the_structure_is_kept(method):
+    teacher = make_tiny_model("llama")
+    student = _compressed(teacher, method)
+    trained = set(trainable_parameters(student))
+    if isinstance(method, MLAConfig):  # the codec trains; the q/k/v/o weights it shares stay as they were
+        assert trained and all(".self_attn.kv." in name for name in trained)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    ranks, size, kv = _ranks(student), count_parameters(student), kv_bytes_per_token(student)
+    heal(student, teacher, _ids(), _config(), progress=False)
+    after = student.state_dict()
+    for name, value in state.items():
+        if name not in trained:
+            assert torch.equal(after[name], value), name
+    assert any(not torch.equal(after[name], state[name]) for name in trained)
+    assert _ranks(student) == ranks and count_parameters(student) == size
+    assert kv_bytes_per_token(student) == kv
+    assert all(p.requires_grad for p in student.parameters())  # flags restored
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path, monkeypatch):
+    teacher, student = pair
+    ids, config = _ids(), _config(checkpoint_minutes=0)
+    uninterrupted = copy.deepcopy(student)
+    expected = heal(uninterrupted, teacher, ids, config, progress=False)
+
+    real_step, calls = heal_module._train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(heal_module, "_train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(heal_module, "_train_step", real_step)
+    resumed = copy.deepcopy(student)
+    details = heal(resumed, teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
+    assert details["resumed_from_step"] == 3
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    volatile = ("resumed_from_step", "train_time_s")
+    assert {k: v for k, v in details.items() if k not in volatile} == {
+        k: v for k, v in expected.items() if k not in volatile
+    }
+    with pytest.raises(ValueError, match="different configuration") as info:
+        heal(copy.deepcopy(student), teacher, ids, _config(learning_rate=1e-4), checkpoint_dir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_early_stopping_keeps_the_best_heldout_state(pair):
+    teacher, student = pair
+    details = heal(student, teacher, _ids(), _config(learning_rate=0.5, eval_every=1, patience=1))
+    assert details["stopped_early"] and details["steps"] < details["steps_planned"]
+    assert details["heldout_loss_after"] <= details["heldout_loss_before"]
+    assert details["heldout_loss_after"] == pytest.approx(_kl(student, teacher, _ids()[-8:]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shown"),
+    [
+        ({"tokens": 0}, "got 0"),
+        ({"tokens": 2.5}, "got 2.5"),
+        ({"learning_rate": 0.0}, "got 0.0"),
+        ({"learning_rate": -1e-3}, "got -0.001"),
+        ({"learning_rate": float("nan")}, "got nan"),
+        ({"kd_weight": 1.5}, "got 1.5"),
+        ({"temperature": 0}, "got 0"),
+        ({"trainable": "norms"}, "got 'norms'"),
+        ({"teacher": ""}, "got ''"),
+        ({"calibration": {"samples": 7, "seq_len": SEQ_LEN}}, "samples=7"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(overrides, shown):
+    with pytest.raises(ValueError) as info:
+        _config(**overrides)
+    assert shown in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_config_round_trips_and_derives_its_calibration_samples():
+    config = _config()
+    assert config.calibration.samples == 24 + 8
+    assert HealConfig.from_dict(config.to_dict()) == config
+
+
+def test_mismatched_vocabularies_and_too_little_text_are_one_line_errors(pair):
+    teacher, student = pair
+    with pytest.raises(ValueError, match="vocabularies differ") as info:
+        heal(student, make_tiny_model("llama", vocab_size=300), _ids(), _config())
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="needs 40 sequences") as info:
+        heal(student, teacher, _ids(), _config(tokens=32 * SEQ_LEN))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="no compressed modules"):
+        compress(make_tiny_model("llama"), _config(), calibration=_ids())
+
+
+def test_a_stacked_heal_step_is_recorded_saved_and_reloaded(tmp_path):
+    teacher = save_tiny_model_dir(tmp_path / "teacher", "qwen2")
+    student = _compressed(teacher)
+    kv = kv_bytes_per_token(student)
+    result = compress(student, _config(teacher=str(tmp_path / "teacher")), calibration=_ids())
+    assert result.parameters_after == result.parameters_before
+    assert result.kv_bytes_per_token_after == result.kv_bytes_per_token_before == kv
+    assert result.details["heldout_loss_after"] < result.details["heldout_loss_before"]
+    assert [m["method"] for m in applied_methods(student)] == ["svd-llm", "heal"]
+    save_compressed(student, tmp_path / "healed")
+    assert read_manifest(tmp_path / "healed")["methods"][-1]["teacher"] == str(tmp_path / "teacher")
+    loaded, _ = load_compressed(tmp_path / "healed")
+    ids = random_tokens(2, 16, seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+
+
+def test_cli_heals_a_saved_model(tmp_path, capsys):
+    teacher = save_tiny_model_dir(tmp_path / "teacher", "llama")
+    save_compressed(_compressed(teacher), tmp_path / "small", tokenizer=tiny_tokenizer())
+    (tmp_path / "text.txt").write_text(tiny_text(4000), encoding="utf-8")
+    common = ["--model", str(tmp_path / "small"), "--teacher", str(tmp_path / "teacher")]
+    common += ["--data", str(tmp_path / "text.txt"), "--calib-seq-len", str(SEQ_LEN), "--device", "cpu"]
+    flags = ["--tokens", "512", "--heldout-sequences", "4", "--kd-weight", "1", "--learning-rate", "3e-4"]
+    assert main(["heal", *common, *flags, "--out", str(tmp_path / "healed")]) == 0
+    assert "heldout loss after" in capsys.readouterr().out
+    loaded, _ = load_compressed(tmp_path / "healed")
+    assert [m["method"] for m in applied_methods(loaded)] == ["svd-llm", "heal"]
+    assert main(["heal", *common, "--tokens", "0"]) == 2
+    assert "tokens must be a positive integer; got 0" in capsys.readouterr().err
+    assert main(["heal", *common, "--learning-rate", "-1"]) == 2
+    assert "learning_rate must be in (0, 1]; got -1.0" in capsys.readouterr().err
