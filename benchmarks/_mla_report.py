@@ -16,6 +16,7 @@ VARIANTS = {  # key at the seed's setting -> label
     "svd/whiten": "SVD + whiten",
     "rsvd/whiten": "rSVD + whiten",
 }
+SELECTION_ORDER = ("2-norm", "high", "low", "uniform")
 RSVD_TOLERANCE = 0.01
 WHITEN_SHARE = 0.5
 
@@ -346,7 +347,7 @@ def markdown(p: dict[str, Any]) -> str:
         "## Sweep: rope_dim at 31.25 % kept",
         "",
         conv,
-        "_exact SVD, unwhitened, 2-norm selection, joint latent; kv_rank = 40 − rope_dim._",
+        "_exact SVD, unwhitened and whitened, 2-norm selection, joint latent; kv_rank = 40 − rope_dim._",
         "",
         _sweep_table(
             p,
@@ -354,9 +355,9 @@ def markdown(p: dict[str, Any]) -> str:
                 [
                     c
                     for c in _sweep_rows(p, rope_selection="2-norm", latent="joint", decomposer_label="svd")
-                    if not c["whiten"] and c["cached_per_kv_head"] == 40
+                    if c["cached_per_kv_head"] == 40
                 ],
-                key=lambda c: c["rope_dim"],
+                key=lambda c: (c["whiten"], c["rope_dim"]),
             ),
             "rope_dim",
         ),
@@ -364,25 +365,26 @@ def markdown(p: dict[str, Any]) -> str:
         "## Sweep: RoPE selection at the seed's setting",
         "",
         conv,
-        "_exact SVD, unwhitened, rope_dim 8, joint latent of 32._",
+        "_exact SVD, unwhitened and whitened, rope_dim 8, joint latent of 32._",
         "",
         _sweep_table(
             p,
-            _sweep_rows(p, rope_dim=8, kv_rank=32, latent="joint", decomposer_label="svd", whiten=False),
+            sorted(
+                _sweep_rows(p, rope_dim=8, kv_rank=32, latent="joint", decomposer_label="svd"),
+                key=lambda c: (c["whiten"], SELECTION_ORDER.index(c["rope_selection"])),
+            ),
             "rope_selection",
         ),
         "",
         "## Joint vs split latent at the seed's setting",
         "",
         conv,
-        "_exact SVD, unwhitened, 2-norm, rope_dim 8, 32 latent numbers per KV head "
+        "_exact SVD, unwhitened and whitened, 2-norm, rope_dim 8, 32 latent numbers per KV head "
         "(split: 16 key + 16 value)._",
         "",
         _sweep_table(
             p,
-            _sweep_rows(
-                p, rope_dim=8, kv_rank=32, rope_selection="2-norm", decomposer_label="svd", whiten=False
-            ),
+            _sweep_rows(p, rope_dim=8, kv_rank=32, rope_selection="2-norm", decomposer_label="svd"),
             "latent",
         ),
         "",
@@ -432,7 +434,7 @@ def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str | None:
         rows = [
             c
             for c in _sweep_rows(p, rope_dim=8, rope_selection="2-norm", latent="joint")
-            if _variant(c) == label
+            if _variant(c) == label and c["kv_fraction"] < 1
         ]
         rows.sort(key=lambda c: c["kv_bytes_per_token"])
         if rows:
@@ -442,13 +444,24 @@ def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str | None:
         for c in _sweep_rows(p)
         if (c["rope_dim"], c["rope_selection"], c["latent"]) != (8, "2-norm", "joint")
     ]
-    if others:
+    for whiten, marker in ((False, "x"), (True, "+")):
+        pts = [c for c in others if c["whiten"] == whiten]
+        if pts:
+            ax.plot(
+                [c["kv_bytes_per_token"] for c in pts],
+                [_ppl(c) for c in pts],
+                marker,
+                color="gray",
+                label=f"{_variant(pts[0])}, other rope_dim / selection / split (31.25 %)",
+            )
+    full = [c for c in _sweep_rows(p, rope_dim=8, rope_selection="2-norm") if c["kv_fraction"] >= 1]
+    if full:
         ax.plot(
-            [c["kv_bytes_per_token"] for c in others],
-            [_ppl(c) for c in others],
-            "x",
-            color="gray",
-            label="SVD, other rope_dim / selection / split",
+            [c["kv_bytes_per_token"] for c in full],
+            [_ppl(c) for c in full],
+            "s",
+            color="purple",
+            label="partial RoPE alone (rope_dim 8, full latent rank)",
         )
     ax.plot([base["kv_bytes_per_token"]], [_ppl(base)], "k*", markersize=12, label="baseline")
     ax.axhline(_ppl(base), color="k", linestyle=":", linewidth=0.8)
@@ -458,7 +471,7 @@ def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str | None:
         ylabel=f"wiki perplexity ({p['settings']['windows']} × 512 tokens)",
         title=f"MHA → MLA on {p['settings']['model']}: 2-norm RoPE, rope_dim 8, joint latent",
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     name = f"{stem}_ppl_vs_kv_bytes.png"
     fig.savefig(out_dir / name, dpi=120)

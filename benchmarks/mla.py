@@ -106,9 +106,10 @@ def plan_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
         for w in (False, True):
             plan += [_spec(dec, w, kv_rank=round(f * 2 * d) - 8) for f in args.fractions]
     kept = SEED["rope_dim"] + SEED["kv_rank"]  # 40 of 128 numbers per KV head: 31.25 %
-    plan += [_spec(rope_dim=r, kv_rank=kept - r) for r in args.rope_dims]
-    plan += [_spec(rope_selection=s) for s in SELECTIONS]
-    plan += [_spec(latent="split")]
+    for w in (False, True):  # unwhitened first: the whitened rows were added to the plan after them
+        plan += [_spec(whiten=w, rope_dim=r, kv_rank=kept - r) for r in args.rope_dims]
+        plan += [_spec(whiten=w, rope_selection=sel) for sel in SELECTIONS]
+        plan += [_spec(whiten=w, latent="split")]
     unique = list({s["key"]: s for s in plan}.values())
     return unique[: args.configs] if args.configs else unique
 

@@ -11,11 +11,11 @@ import torch
 from _tiny import save_tiny_model_dir, tiny_text, tiny_tokenizer
 from conftest import make_tiny_model, random_tokens
 
-import lowrank.methods.heal as heal_module
+import lowrank.healing as heal_module
 from lowrank.cli import main
+from lowrank.healing import distillation_loss, heal, trainable_parameters
 from lowrank.kv_cache import kv_bytes_per_token
 from lowrank.methods import HealConfig, MLAConfig, SVDLLMConfig, applied_methods, compress, count_parameters
-from lowrank.methods.heal import distillation_loss, heal, trainable_parameters
 from lowrank.serialization import load_compressed, read_manifest, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

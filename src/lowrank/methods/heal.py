@@ -28,36 +28,27 @@ import copy
 import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowrank.io import atomic_path
-from lowrank.layerwise import fingerprint
+from lowrank.healing import TRAINABLE, heal, split_tokens, trainable_parameters
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn.registry import describe_replacement
 from lowrank.pipeline import CalibrationConfig, RunContext
 
-__all__ = ["HealConfig", "heal", "trainable_parameters", "distillation_loss", "TRAINABLE"]
+__all__ = ["HealConfig"]
+
+_DEFAULT_SAMPLES = CalibrationConfig().samples
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
 
 logger = logging.getLogger(__name__)
-
-TRAINABLE = ("replaced", "all")
-WARMUP_FRACTION = 0.05
-"""Share of the steps spent warming the learning rate up linearly from zero."""
-FINAL_LR_FRACTION = 0.1
-"""The cosine decay ends at this fraction of the peak learning rate."""
-CLIP_NORM = 1.0
-"""Gradients are clipped to this global norm."""
-_FORMAT = 1
-_CHECKPOINT = "heal_state.pt"
-_DEFAULT_SAMPLES = CalibrationConfig().samples
 
 
 @dataclass(kw_only=True)
@@ -147,344 +138,6 @@ class HealConfig(MethodConfig):
         return math.ceil(self.tokens / seq_len)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def trainable_parameters(model: nn.Module, trainable: str = "replaced") -> dict[str, nn.Parameter]:
-    """``{name: parameter}`` that healing trains (tied parameters once, under their first name).
-
-    ``replaced``: the parameters of every registered replacement module, except that a converted
-    attention (``ProjectedAttention``) contributes its codec ``kv`` only, not the q/k/v/o modules it
-    shares with the original attention (those train when they are themselves low-rank replacements).
-    """
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
-    if trainable == "all":
-        return dict(model.named_parameters())
-    from lowrank.kv_attention import ProjectedAttention
-
-    owned: set[int] = set()
-    for module in model.modules():
-        if describe_replacement(module) is not None:
-            source = module.kv if isinstance(module, ProjectedAttention) else module
-            owned.update(id(p) for p in source.parameters())
-    return {name: p for name, p in model.named_parameters() if id(p) in owned}
-
-
-def distillation_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor | None,
-    ids: torch.Tensor,
-    *,
-    temperature: float,
-    kd_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Healing objective of one batch, in float32.
-
-    Args:
-        student, teacher: logits ``(batch, seq, vocab)``; ``teacher`` may be None when ``kd_weight`` is 0.
-        ids: the input token ids ``(batch, seq)`` (next-token targets are ``ids[:, 1:]``).
-
-    Returns:
-        ``(loss, kl, ce)``: ``kd_weight · T² · KL + (1 − kd_weight) · CE``, the per-token
-        KL(teacher ‖ student) at temperature T (times T²) and the next-token cross-entropy.
-    """
-    z = student.float()
-    ce = F.cross_entropy(z[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    if teacher is None or kd_weight == 0:
-        kl = z.new_zeros(())
-    else:
-        T = temperature
-        log_s = F.log_softmax(z / T, dim=-1).flatten(0, 1)
-        log_t = F.log_softmax(teacher.float() / T, dim=-1).flatten(0, 1)
-        kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (T * T)
-    return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
-
-
-def _batch_loss(model, teacher, ids, config: HealConfig):
-    teacher_logits = None
-    if config.kd_weight > 0:
-        with torch.no_grad():
-            teacher_logits = teacher(ids, use_cache=False).logits
-    logits = model(ids, use_cache=False).logits
-    return distillation_loss(
-        logits, teacher_logits, ids, temperature=config.temperature, kd_weight=config.kd_weight
-    )
-
-
-def _train_step(model, teacher, ids, optimizer, params: list[nn.Parameter], config: HealConfig) -> float:
-    """One optimizer step on the batch ``ids``; returns its loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss, _, _ = _batch_loss(model, teacher, ids, config)
-    if not torch.isfinite(loss):
-        raise ValueError(f"healing diverged (loss {float(loss)}); lower the learning rate")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-    optimizer.step()
-    return float(loss.detach())
-
-
-@torch.no_grad()
-def _evaluate(model, teacher, ids: torch.Tensor, config: HealConfig) -> dict[str, float]:
-    """Mean held-out loss, KL and cross-entropy over ``ids`` (batches of ``batch_size``)."""
-    totals = torch.zeros(3, dtype=torch.float64)
-    for chunk in ids.split(config.batch_size):
-        parts = _batch_loss(model, teacher, chunk, config)
-        totals += torch.tensor([float(p) for p in parts], dtype=torch.float64) * len(chunk)
-    loss, kl, ce = (totals / len(ids)).tolist()
-    return {"heldout_loss": loss, "heldout_kl": kl, "heldout_ce": ce}
-
-
-def _lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warmup, then cosine decay from ``peak`` to ``FINAL_LR_FRACTION · peak`` (step counts from 0)."""
-    warmup = max(1, round(WARMUP_FRACTION * steps))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _vocab(model: nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
-def _split(ids: Any, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) sequences: the first ceil(tokens / seq_len) rows and the last held-out rows."""
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
-        raise ValueError(
-            f"heal needs calibration token ids (samples, seq_len); got {type(ids).__name__}; build them with "
-            "lowrank.pipeline.calibration_tokens(config.calibration, tokenizer)"
-        )
-    samples, seq_len = ids.shape
-    n_train = config.training_sequences(seq_len)
-    if seq_len < 2 or samples < n_train + config.heldout_sequences:
-        raise ValueError(
-            f"calibration holds {samples} x {seq_len} tokens; healing {config.tokens:,} tokens with "
-            f"{config.heldout_sequences} held-out sequences needs {n_train + config.heldout_sequences} "
-            f"sequences of >= 2 tokens; lower tokens or give more calibration samples"
-        )
-    return ids[:n_train], ids[samples - config.heldout_sequences :]
-
-
-@dataclass
-class _Progress:
-    """Everything a resumed run needs besides the parameters and the optimizer state."""
-
-    step: int = 0
-    best_loss: float = math.inf
-    bad_evals: int = 0
-    stopped: bool = False
-    losses: list[float] = field(default_factory=list)
-    evals: list[dict[str, float]] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-
-class _Checkpoint:
-    """One file holding the trainable state, optimizer, best state and progress, replaced atomically."""
-
-    def __init__(self, directory: Path | None, key: str) -> None:
-        self.path = None if directory is None else Path(directory) / _CHECKPOINT
-        self.key = key
-
-    def save(self, params, optimizer, best, progress: _Progress) -> None:
-        if self.path is None:
-            return
-        state = {
-            "format": _FORMAT,
-            "fingerprint": self.key,
-            "params": {n: p.detach().cpu().clone() for n, p in params.items()},
-            "best": {n: t.cpu() for n, t in best.items()},
-            "optimizer": optimizer.state_dict(),
-            "progress": dataclasses.asdict(progress),
-        }
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
-
-    def load(self, params, optimizer, best) -> _Progress | None:
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(
-                f"{self.path}: damaged healing checkpoint ({exc}); delete it to start afresh"
-            ) from None
-        if not isinstance(state, dict) or state.get("fingerprint") != self.key:
-            raise ValueError(
-                f"{self.path} belongs to a healing run with a different configuration, data or model; "
-                "choose another checkpoint directory or delete it"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["params"][name])
-                best[name] = state["best"][name].to(p.device)
-        optimizer.load_state_dict(state["optimizer"])
-        progress = _Progress(**state["progress"])
-        logger.info("resuming healing from %s at step %d", self.path, progress.step)
-        return progress
-
-
-def heal(
-    model: nn.Module,
-    teacher: nn.Module,
-    input_ids: torch.Tensor,
-    config: HealConfig,
-    *,
-    device: torch.device | str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Fine-tune ``model`` in place against ``teacher`` (the healing step; see the module docstring).
-
-    Args:
-        model: the compressed causal LM; only :func:`trainable_parameters` change.
-        teacher: a causal LM with the same vocabulary, already on ``device`` (only run under ``no_grad``).
-        input_ids: calibration token ids ``(samples, seq_len)``: the first ceil(tokens / seq_len) rows
-            train, the last ``heldout_sequences`` rows measure the held-out loss.
-        config: the healing settings.
-        device: where to train (default: the model's device); the model returns to its own afterwards.
-        checkpoint_dir: save progress there every ``checkpoint_minutes`` and resume from it.
-        progress: show a progress bar with the running loss.
-
-    Returns:
-        Details: steps, tokens trained, held-out loss before / after (the restored best) / at the last
-        evaluation, a short training-loss curve, trainable parameter count, wall time.
-
-    Raises:
-        ValueError: (one line) mismatched vocabularies, too few calibration sequences, nothing to train,
-            a checkpoint of another run, or a diverging loss.
-    """
-    train_ids, heldout_ids = _split(input_ids, config)
-    if _vocab(teacher) != _vocab(model):
-        raise ValueError(
-            f"teacher and student vocabularies differ ({_vocab(teacher)} vs {_vocab(model)} tokens); "
-            "heal against the model the student was compressed from"
-        )
-    params = trainable_parameters(model, config.trainable)
-    if not params:
-        raise ValueError("nothing to train: the model has no compressed modules; use trainable='all'")
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        model.to(device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        return _fit(
-            model,
-            teacher,
-            train_ids.to(device),
-            heldout_ids.to(device),
-            params,
-            config,
-            checkpoint_dir,
-            progress,
-        )
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.to(home)
-
-
-def _fit(model, teacher, train_ids, heldout_ids, params, config: HealConfig, checkpoint_dir, progress):
-    start = time.perf_counter()
-    key = fingerprint(
-        {k: v for k, v in config.to_dict().items() if k != "checkpoint_minutes"},
-        train_ids,
-        heldout_ids,
-        *params.values(),
-    )
-    ckpt = _Checkpoint(checkpoint_dir, key)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
-    best = {n: p.detach().clone() for n, p in params.items()}
-    order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
-    batches = order.split(config.batch_size)
-    state = ckpt.load(params, optimizer, best) or _Progress()
-    resumed_at = state.step
-    if not state.evals:
-        _track(state, model, teacher, heldout_ids, params, best, config)
-    saved = time.monotonic()
-    bar = tqdm(total=len(batches), initial=state.step, desc="heal", unit="step", disable=not progress)
-    try:
-        while state.step < len(batches) and not state.stopped:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(state.step, len(batches), config.learning_rate)
-            ids = train_ids[batches[state.step].to(train_ids.device)]
-            state.losses.append(_train_step(model, teacher, ids, optimizer, list(params.values()), config))
-            state.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(state.losses[-10:]) / len(state.losses[-10:]):.4f}")
-            if state.step % config.eval_every == 0 or state.step == len(batches):
-                _track(state, model, teacher, heldout_ids, params, best, config)
-            if time.monotonic() - saved >= 60 * config.checkpoint_minutes:
-                ckpt.save(params, optimizer, best, _elapsed(state, start))
-                saved = time.monotonic()
-    finally:
-        bar.close()
-    state = _elapsed(state, start)
-    ckpt.save(params, optimizer, best, state)
-    last = state.evals[-1]["heldout_loss"]
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(best[name])
-    return _details(state, config, train_ids, params, last, resumed_at)
-
-
-def _elapsed(state: _Progress, start: float) -> _Progress:
-    return dataclasses.replace(state, elapsed_s=state.elapsed_s + time.perf_counter() - start)
-
-
-def _track(state: _Progress, model, teacher, heldout_ids, params, best, config: HealConfig) -> None:
-    """Evaluate on the held-out sequences; keep the best state; stop after ``patience`` misses."""
-    record = {"step": state.step, **_evaluate(model, teacher, heldout_ids, config)}
-    state.evals.append(record)
-    if record["heldout_loss"] < state.best_loss:
-        state.best_loss, state.bad_evals = record["heldout_loss"], 0
-        for name, p in params.items():
-            best[name] = p.detach().clone()
-    elif state.step > 0:
-        state.bad_evals += 1
-        state.stopped = state.bad_evals >= config.patience
-        if state.stopped:
-            logger.info("held-out loss has not improved for %d evaluations: stopping", config.patience)
-
-
-def _details(state: _Progress, config, train_ids, params, last: float, resumed_at: int) -> dict[str, Any]:
-    first = state.evals[0]
-    best = min(state.evals, key=lambda e: e["heldout_loss"])
-    stride = max(1, math.ceil(len(state.losses) / 20))
-    return {
-        "teacher": config.teacher,
-        "trainable": config.trainable,
-        "trainable_parameters": sum(p.numel() for p in params.values()),
-        "steps": state.step,
-        "steps_planned": math.ceil(len(train_ids) / config.batch_size),
-        "stopped_early": state.stopped,
-        "tokens_trained": min(state.step * config.batch_size, len(train_ids)) * train_ids.shape[1],
-        "heldout_loss_before": _sig(first["heldout_loss"]),
-        "heldout_loss_after": _sig(best["heldout_loss"]),
-        "heldout_loss_last": _sig(last),
-        "heldout_kl_before": _sig(first["heldout_kl"]),
-        "heldout_kl_after": _sig(best["heldout_kl"]),
-        "heldout_ce_before": _sig(first["heldout_ce"]),
-        "heldout_ce_after": _sig(best["heldout_ce"]),
-        "best_step": best["step"],
-        "loss_curve": [_sig(x, 4) for x in state.losses[::stride]],
-        "resumed_from_step": resumed_at,
-        "train_time_s": round(state.elapsed_s, 3),
-    }
-
-
-def _sig(x: float, digits: int = 6) -> float:
-    return float(f"{x:.{digits}g}")
-
-
 def _teacher_for(model: nn.Module, config: HealConfig, device: torch.device) -> nn.Module:
     if config.teacher == "self":
         teacher = copy.deepcopy(model)
@@ -499,7 +152,7 @@ def _teacher_for(model: nn.Module, config: HealConfig, device: torch.device) -> 
 @register_method(HealConfig)
 def compress_heal(model: nn.Module, config: HealConfig, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='heal'``: load the teacher, fine-tune, report (the structure is unchanged)."""
-    _split(ctx.calibration, config)  # refuse unusable token ids before loading a teacher
+    split_tokens(ctx.calibration, config)  # refuse unusable token ids before loading a teacher
     with ctx.timings.measure("teacher"):
         teacher = _teacher_for(model, config, ctx.device)
     with ctx.timings.measure("heal"):
