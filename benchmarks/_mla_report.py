@@ -285,7 +285,7 @@ def _speed_text(p: dict[str, Any]) -> str:
 def markdown(p: dict[str, Any]) -> str:
     """The results page: Table 2, the targets, then the sweeps."""
     s, env = p["settings"], p["env"]
-    load = p["load_average_1min"]
+    load = "; ".join(f"{x['start']} → {x['end']}" for x in p["load_average_1min"]) or "–"
     thr = p.get("throughput") or {}
     conv = convention(p)
     reps = next(iter(thr.values()))["models"]["baseline"]["repeats"] if thr else 0
@@ -293,8 +293,9 @@ def markdown(p: dict[str, Any]) -> str:
         f"# MHA → MLA conversion on {s['model']} (CPU)",
         "",
         f"Device: {env['device_name']}; torch {env['torch']}, transformers {env['transformers']}; git "
-        f"{env['git_sha']}; {p['torch_threads']} torch thread(s); 1-min load average {load['start']} → "
-        f"{load['end']} (the machine was shared with other jobs); wall time {p['wall_seconds']:.0f} s.",
+        f"{env['git_sha']}; {p['torch_threads']} torch thread(s); 1-min load average per invocation {load} "
+        f"(the machine was shared with other jobs); wall time {p['wall_seconds']:.0f} s "
+        f"({' + '.join(str(x) for x in p['invocation_seconds'])} s).",
         "",
         f"One non-sequential calibration pass ({s['calib_samples']} × {s['calib_seq_len']} = "
         f"{p['calibration_tokens']} wiki calibration tokens, seed {s['seed']}) collected the attention Grams "

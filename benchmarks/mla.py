@@ -339,6 +339,8 @@ def _finish(args, state, runner, plan, load_before, seconds) -> int:
     env = env_info("cpu")
     if not args.report_only:  # every invocation's wall time, so a resumed run reports its total
         state.setdefault("invocation_seconds", []).append(round(seconds, 1))
+        load = {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)}
+        state.setdefault("invocation_load_average_1min", []).append(load)
         write_json(args.results_dir / f"{args.out_name}.partial.json", state)
     payload = {
         "benchmark": "mla",
@@ -360,7 +362,7 @@ def _finish(args, state, runner, plan, load_before, seconds) -> int:
         "throughput_seconds": state.get("throughput_seconds"),
         "env": env,
         "torch_threads": torch.get_num_threads(),
-        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
+        "load_average_1min": state.get("invocation_load_average_1min", []),
         "wall_seconds": round(sum(state.get("invocation_seconds", [])), 1),
         "invocation_seconds": state.get("invocation_seconds", []),
         "notes": args.note,
