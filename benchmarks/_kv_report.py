@@ -17,11 +17,11 @@ CONVENTIONS = (
     "comparable with err²(k-svd) − err²(kq)."
 )
 MLA_NOTE = (
-    "MLA rows (`mla`): the `mla` method with its defaults (rope_dim 8 rotary features chosen by 2-norm, one "
-    "joint K/V latent, no whitening) at kv_fraction = R/d, i.e. the same cached numbers and KV bytes as "
-    "the K+V rows; compressed from the same attention statistics and evaluated on the same windows. Its "
-    "own sweep of rope_dim / selection / latent / whitening is benchmarks/mla.py; these rows are its "
-    "default setting, not necessarily its best."
+    "MLA rows (`mla`): the `mla` method's defaults, its best measured setting (rope_dim 8 rotary features "
+    "chosen by 2-norm, one joint K/V latent, input-Gram whitening) at kv_fraction = R/d, i.e. the same "
+    "cached numbers and KV bytes as the K+V rows; compressed from the same calibration tokens and "
+    "evaluated on the same windows. Its own sweep of rope_dim / selection / latent / whitening is "
+    "benchmarks/mla.py (results/mla_cpu.md)."
 )
 
 
@@ -48,6 +48,11 @@ def _find(p, kv, R, *, keys_only=False, value="wo-aware", rope="post", alloc="un
 
 def _f(x: float | None, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}g}"
+
+
+def _load(p: dict[str, Any]) -> str:
+    load = p.get("load_average_1min")
+    return "" if not load else f"1-min load average {load['start']} → {load['end']} (a shared machine); "
 
 
 def _root(x: float | None) -> float | None:
@@ -230,9 +235,8 @@ def markdown(p: dict[str, Any]) -> str:
         f"({base['kv_cache_class']}).",
         "",
         f"Device {env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, git "
-        f"{env['git_sha']}; {p['torch_threads']} threads; 1-min load average "
-        f"{p['load_average_1min']['start']} → {p['load_average_1min']['end']} (a shared machine); "
-        f"wall time {p['wall_seconds']:.0f} s.",
+        f"{env['git_sha']} (at report time); {p['torch_threads']} threads; {_load(p)}wall time "
+        f"{p['wall_seconds']:.0f} s.",
         "",
         f"Conventions: {CONVENTIONS}",
         "",

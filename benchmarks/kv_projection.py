@@ -1,6 +1,7 @@
 """KV-cache projections on the built-in model: perplexity, KV bytes per token and decode speed per method.
 
     python benchmarks/kv_projection.py                      # the full run (results/kv_projection_cpu.*)
+    python benchmarks/kv_projection.py --report-only        # rewrite the report from the partial file
     python benchmarks/kv_projection.py --resume             # continue an interrupted run
     python benchmarks/kv_projection.py --max-configs 2 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --eval-seq-len 128 --prompt-len 64 --gen-len 2 \\
@@ -10,8 +11,9 @@ The model is loaded once and the per-head attention Grams (pre- and post-RoPE, :
 the UNCHANGED model are collected ONCE on wiki calibration windows; every configuration compresses a deep
 copy from them (non-sequential calibration) and is evaluated on the same held-out windows as the baseline.
 Each finished configuration is written to ``<results-dir>/<out-name>.partial.json`` so ``--resume``
-continues. Decode speed at ``--prompt-len`` cached tokens is measured last, interleaved with the baseline
-(:func:`lowrank.evaluation.paired_throughput`), and reported as ratios to it.
+continues. Decode speed at ``--prompt-len`` cached tokens is measured first (right after the baseline's
+perplexity), interleaved with the baseline (:func:`lowrank.evaluation.paired_throughput`), and reported as
+ratios to it. ``--mla-fractions`` adds rows of the ``mla`` method (its defaults) at the same KV bytes.
 
 Conventions: R/d = cached dimensions kept per KV head (keys, and values unless keys only); KV bytes per
 token are measured on the real cache object after a forward pass (:func:`lowrank.evaluation.memory_report`).
@@ -93,9 +95,9 @@ def _spec(kv: str, R: float, *, keys_only=False, value="wo-aware", rope="post", 
 
 
 def _mla_spec(fraction: float) -> dict[str, Any]:
-    """MLA (partial RoPE + joint latent, the method's defaults) keeping ``fraction`` of the KV numbers."""
+    """MLA (partial RoPE + whitened joint latent: the defaults) keeping ``fraction`` of the KV numbers."""
     return {
-        "key": f"mla/rope_dim=8,2-norm,joint/R={fraction}",
+        "key": f"mla/rope_dim=8,2-norm,joint,whiten/R={fraction}",
         "kv_method": "mla",
         "value_method": None,
         "keys_only": False,
@@ -124,7 +126,7 @@ def make_config(spec: dict[str, Any]):
     from lowrank.methods.mla import MLAConfig
 
     if spec["kv_method"] == "mla":
-        return MLAConfig(kv_fraction=spec["rank_fraction"], calibration={"sequential": False})
+        return MLAConfig(kv_fraction=spec["rank_fraction"], whiten=True, calibration={"sequential": False})
 
     return KVProjectionConfig(
         kv_method=spec["kv_method"],
@@ -165,18 +167,26 @@ class Runner:
 
     @property
     def stats(self):
-        """:class:`CalibrationStatistics` of every layer's attention, collected on first use."""
+        """:class:`CalibrationStatistics` of every layer's attention (and, for the whitened MLA rows, the
+        input Gram of k_proj), collected on first use."""
         if self._stats is None:
+            import torch
+
             from lowrank.attention_stats import attention_request
+            from lowrank.calibration import InputGram, StatRequest
             from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
+
+            def requests(index, layer):
+                return {
+                    "attention": attention_request(self.model),
+                    "input": StatRequest("self_attn.k_proj", lambda: InputGram(torch.float64)),
+                }
 
             cal = CalibrationConfig(
                 sequential=False, samples=self.args.calib_samples, seq_len=self.args.calib_seq_len
             )
             start = time.perf_counter()
-            self._stats = collect_calibration_statistics(
-                self.model, self.calib, lambda i, layer: {"attention": attention_request(self.model)}, cal
-            )
+            self._stats = collect_calibration_statistics(self.model, self.calib, requests, cal)
             self.stats_seconds = round(time.perf_counter() - start, 1)
         return self._stats
 
@@ -361,7 +371,9 @@ def _finish(args, state, runner, plan, load_before, seconds) -> int:
         "throughput_seconds": state.get("throughput_seconds"),
         "env": env,
         "torch_threads": torch.get_num_threads(),
-        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
+        "load_average_1min": None
+        if args.report_only
+        else {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "wall_seconds": round(sum(state.get("invocation_seconds", [])), 1),
         "invocation_seconds": state.get("invocation_seconds", []),
         "notes": args.note,

@@ -72,9 +72,11 @@ class MLAConfig(MethodConfig):
     """Fraction of the KV cache kept, (rope_dim + kv_rank) / (2 · head_dim), in (0, 1]."""
     latent: str = field(default="joint", metadata={"choices": LATENTS})
     """``joint``: one latent shared by keys and values; ``split``: separate key and value latents."""
-    whiten: bool = False
+    whiten: bool = True
     """Factor to minimise the error of the keys and values produced on calibration text (input-Gram
-    whitening) instead of the bare weights."""
+    whitening); ``--no-whiten`` factors the bare weights as MHA2MLA does. Whitening was the better one in
+    every measured setting on the built-in model (wiki perplexity 220 against 21,529 at the seed's
+    setting; benchmarks/results/mla_cpu.md)."""
     decomposer: DecomposerConfig | str = field(
         default="svd",
         metadata={"prefix": "", "flags": {"name": "decomposer", "seed": "decomposer-seed"}},
