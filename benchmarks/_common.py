@@ -86,3 +86,13 @@ def write_results(name: str, payload: dict[str, Any], markdown: str | None = Non
 def final_line(**fields: Any) -> str:
     """The one JSON line every benchmark prints last."""
     return json.dumps(fields, sort_keys=False, default=str)
+
+
+def load_partial(path: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The resume state of a benchmark: the partial file when resuming with the same settings, else empty."""
+    if resume and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("settings") == settings:
+            return data
+        print(f"partial results were measured with other settings ({data.get('settings')}); starting over")
+    return {"settings": settings, "configs": {}}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from _common import RESULTS_DIR, env_info, final_line, load_partial, write_results  # noqa: E402
 
 DECOMPOSERS = {  # label -> DecomposerConfig fields
     "svd": {"name": "svd"},
@@ -276,15 +275,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _load_partial(path: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
-    if resume and path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("settings") == settings:
-            return data
-        print(f"partial results were measured with other settings ({data.get('settings')}); starting over")
-    return {"settings": settings, "configs": {}}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -298,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     partial_path = RESULTS_DIR / f"{args.out_name}.partial.json"
-    state = _load_partial(partial_path, _settings(args), args.resume or args.report_only)
+    state = load_partial(partial_path, _settings(args), args.resume or args.report_only)
     done = state["configs"]
     runner = Runner(args)
     if args.report_only:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line  # noqa: E402
+from _common import RESULTS_DIR, env_info, final_line, load_partial  # noqa: E402
 
 DECOMPOSERS = {  # label -> DecomposerConfig fields
     "svd": {"name": "svd"},
@@ -270,15 +269,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {**{k: getattr(args, k) for k in keys}, "eval_seq_len": 512}
 
 
-def _load_partial(path: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
-    if resume and path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("settings") == settings:
-            return data
-        print(f"partial results were measured with other settings ({data.get('settings')}); starting over")
-    return {"settings": settings, "configs": {}}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -291,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before, started = os.getloadavg(), time.perf_counter()
     args.results_dir.mkdir(parents=True, exist_ok=True)
     partial = args.results_dir / f"{args.out_name}.partial.json"
-    state = _load_partial(partial, _settings(args), args.resume or args.report_only)
+    state = load_partial(partial, _settings(args), args.resume or args.report_only)
     done = state["configs"]
     runner = Runner(args)
     plan = plan_configs(args)
