@@ -6,7 +6,13 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["add_device_argument", "add_model_arguments", "resolve_device", "format_table"]
+__all__ = [
+    "add_device_argument",
+    "add_model_arguments",
+    "add_output_arguments",
+    "resolve_device",
+    "format_table",
+]
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -65,3 +71,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str = "smollm2
         action="store_true",
         help="allow running Python code shipped inside the model directory (off by default)",
     )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, what: str, checkpoint_help: str) -> None:
+    """``--config``, ``--checkpoint-dir``, ``--out``, ``--overwrite``, ``--json``: a command that saves."""
+    parser.add_argument(
+        "--config", help="JSON file with a method config (as in a saved model's lowrank.json)"
+    )
+    parser.add_argument("--checkpoint-dir", help=checkpoint_help)
+    parser.add_argument("--out", help=f"directory to write the {what} model to (checked before any work)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --out to replace a non-empty directory that this toolkit did not write",
+    )
+    parser.add_argument("--json", help="write the summary as JSON to this file")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lowrank.cli._common import add_device_argument, add_model_arguments, format_table
+from lowrank.cli._common import add_device_argument, add_model_arguments, add_output_arguments, format_table
 
 __all__ = ["register", "add_derived_flags", "run", "summary_table", "read_config_file"]
 
@@ -36,15 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--method", help=f"compression method (default: {DEFAULT_METHOD}, or --config's)")
-    p.add_argument("--config", help="JSON file with a method config (as in a saved model's lowrank.json)")
-    p.add_argument("--checkpoint-dir", help="save after every layer; rerun with the same flags to resume")
-    p.add_argument("--out", help="directory to write the compressed model to (checked before any work)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="allow --out to replace a non-empty directory that this toolkit did not write",
+    add_output_arguments(
+        p, what="compressed", checkpoint_help="save after every layer; rerun with the same flags to resume"
     )
-    p.add_argument("--json", help="write the summary as JSON to this file")
     add_device_argument(p)
     p.set_defaults(func=run)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lowrank.cli._common import add_device_argument, add_model_arguments
+from lowrank.cli._common import add_device_argument, add_model_arguments, add_output_arguments
 
 __all__ = ["register", "add_derived_flags", "run"]
 
@@ -33,15 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="corpus of the training text, split 'calibration' (built-in name, .txt file or datasets "
         "name; default: wiki); same as --calib-data",
     )
-    p.add_argument("--config", help="JSON file with a heal config (as in a saved model's lowrank.json)")
-    p.add_argument("--checkpoint-dir", help="save progress every --checkpoint-minutes; rerun to resume")
-    p.add_argument("--out", help="directory to write the healed model to (checked before any work)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="allow --out to replace a non-empty directory that this toolkit did not write",
+    add_output_arguments(
+        p, what="healed", checkpoint_help="save progress every --checkpoint-minutes; rerun to resume"
     )
-    p.add_argument("--json", help="write the summary as JSON to this file")
     add_device_argument(p)
     p.set_defaults(func=run, method="heal")
 
