@@ -96,3 +96,22 @@ def load_partial(path: Path, settings: dict[str, Any], resume: bool) -> dict[str
             return data
         print(f"partial results were measured with other settings ({data.get('settings')}); starting over")
     return {"settings": settings, "configs": {}}
+
+
+def open_run(args: Any, settings: dict[str, Any]) -> tuple[dict[str, Any], Path, tuple[float, ...], float]:
+    """Start a resumable benchmark run: torch threads, the results folder and the resume state.
+
+    Returns:
+        (state, partial file, 1/5/15-minute load averages at the start, start time).
+    """
+    import time
+
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    load_before, started = os.getloadavg(), time.perf_counter()
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.results_dir / f"{args.out_name}.partial.json"
+    state = load_partial(partial, settings, args.resume or args.report_only)
+    return state, partial, load_before, started

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line, load_partial  # noqa: E402
+from _common import RESULTS_DIR, env_info, final_line, open_run  # noqa: E402
 
 KEY_METHODS = ("k-svd", "eigen", "kq", "kq-sum")
 SPEED_DEFAULT = ["kq/KV-wo-aware/post/uniform/R=0.5", "kq/KV-wo-aware/pre/uniform/R=0.5"]
@@ -286,16 +286,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    import torch
 
     from lowrank.io import write_json
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before, started = os.getloadavg(), time.perf_counter()
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    partial = args.results_dir / f"{args.out_name}.partial.json"
-    state = load_partial(partial, _settings(args), args.resume or args.report_only)
+    state, partial, load_before, started = open_run(args, _settings(args))
     done = state["configs"]
     runner = Runner(args)
     plan = plan_configs(args)

@@ -6,15 +6,8 @@ default: the factors of every ``LowRankLinear`` and the codec (``kv``: latent an
 every converted attention, never the original q/k/v/o weights a ``ProjectedAttention`` shares. The
 structure never changes: ranks, parameter counts and KV-cache bytes are those of the compressed model.
 
-Objective per batch, with the teacher run under ``no_grad`` on the same batch (its logits are never
-cached beyond one batch, so memory does not grow with the number of tokens):
-
-    L = w · T² · KL(softmax(z_teacher / T) ‖ softmax(z_student / T)) + (1 − w) · CE(z_student, next token)
-
-AdamW (no weight decay) with linear warmup and cosine decay; held-out loss every ``eval_every`` steps on
-sequences kept out of training; the best held-out state is restored at the end and training stops after
-``patience`` evaluations without improvement. Progress (parameters, optimizer, step, best state, history)
-is checkpointed atomically and an interrupted run resumes to the same result as an uninterrupted one.
+The objective (KL distillation at temperature T plus cross-entropy), the schedule, held-out early stopping
+and the resumable checkpoints are in :mod:`lowrank.healing`; this module holds the config and the handler.
 
 References:
     Hinton et al., "Distilling the Knowledge in a Neural Network", 2015 (temperature, T² scaling);
