@@ -248,9 +248,11 @@ def _summarise(result) -> dict[str, Any]:
         "kv_fraction_kept": result.details[
             "kv_fraction (cached K+V dimensions KEPT in the projected layers)"
         ],
-        "logit_error_calibration": _mean([e for m in mods for e in m["logit_relative_error"]]),
+        "logit_error_calibration": _mean([e for m in mods for e in m["logit_error_squared_relative"]]),
         "epsilon_gap_calibration": _mean([e for m in mods for e in m["epsilon_gap_relative"]]),
-        "value_error_calibration": _mean([e for m in mods for e in m.get("value_relative_error", [])]),
+        "value_error_calibration": _mean(
+            [e for m in mods for e in m.get("value_error_squared_relative", [])]
+        ),
         "compress_seconds": round(result.time_total_s, 1),
     }
 

@@ -96,6 +96,11 @@ def _label(value: Any) -> Any:
             return "svd (exact)"
         p, q = value.get("oversample"), value.get("power_iters")
         return f"{value['name']} (oversample p={p}, power iterations q={q})"
+    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+        low, high = min(value), max(value)
+        return (
+            f"{low} in all {len(value)} layers" if low == high else f"{low} … {high} over {len(value)} layers"
+        )
     if isinstance(value, list):
         return len(value)
     return "-" if value is None else value

@@ -211,12 +211,14 @@ def _project_layer(
     record = {
         "key_rank": key_rank,
         "value_rank": value_rank,
-        "logit_relative_error": [float(e) for e in _relative(G_K, G_Q, keys)],
+        "logit_error_squared_relative": [float(e) for e in _relative(G_K, G_Q, keys)],
         "epsilon_gap_relative": [float(g) for g in gap],
         "tokens": stats.tokens,
     }
     if values is not None:
-        record["value_relative_error"] = [float(e) for e in _relative(*_value_grams(stats, o_weight), values)]
+        record["value_error_squared_relative"] = [
+            float(e) for e in _relative(*_value_grams(stats, o_weight), values)
+        ]
     return record
 
 
@@ -260,7 +262,7 @@ def compress_kv_projection(
     modules = {
         f"{spec.layers}.{r['layer']}.{spec.attention}": {"kind": "attention", **r["entry"]} for r in records
     }
-    errors = [e for m in modules.values() for e in m["logit_relative_error"]]
+    errors = [e for m in modules.values() for e in m["logit_error_squared_relative"]]
     d = info.shape.head_dim
     kept = sum(k + (v or d) for k, v in ranks) / (2 * d * len(ranks))
     return CompressionResult(
@@ -272,7 +274,7 @@ def compress_kv_projection(
             "value_ranks": [v for _, v in ranks],
             "head_dim": d,
             "kv_fraction (cached K+V dimensions KEPT in the projected layers)": round(kept, 6),
-            "mean_logit_relative_error (calibration)": sum(errors) / len(errors),
+            "mean squared relative logit error (calibration)": sum(errors) / len(errors),
             "cache_class": "ProjectedKVCache",
         },
     )
