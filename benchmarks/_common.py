@@ -115,3 +115,42 @@ def open_run(args: Any, settings: dict[str, Any]) -> tuple[dict[str, Any], Path,
     partial = args.results_dir / f"{args.out_name}.partial.json"
     state = load_partial(partial, settings, args.resume or args.report_only)
     return state, partial, load_before, started
+
+
+def kv_statistics(model: Any, ids: Any) -> tuple[Any, float]:
+    """Non-sequential statistics of every layer of the unchanged ``model`` with both keys the KV methods
+    request (``attention``: per-head Grams, ``input``: the k_proj input Gram for ``mla``'s whitening), so
+    every ``kv-projection`` and ``mla`` configuration compresses from one calibration pass.
+
+    Returns:
+        (``CalibrationStatistics``, seconds taken).
+    """
+    import time
+
+    from lowrank.architectures import get_arch_spec
+    from lowrank.attention_stats import attention_request
+    from lowrank.calibration import InputGram, StatRequest
+    from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
+
+    cal = CalibrationConfig(sequential=False, samples=ids.shape[0], seq_len=ids.shape[1])
+    k_path = get_arch_spec(model).linears["k"]
+
+    def requests(index: int, layer: Any) -> dict[str, Any]:
+        return {
+            "attention": attention_request(model, dtype=cal.dtype),
+            "input": StatRequest(k_path, lambda: InputGram(cal.dtype)),
+        }
+
+    start = time.perf_counter()
+    stats = collect_calibration_statistics(model, ids, requests, cal)
+    return stats, round(time.perf_counter() - start, 1)
+
+
+def compressed_copy(model: Any, config: Any, statistics: Any) -> tuple[Any, Any]:
+    """A deep copy of ``model`` compressed with ``config`` from shared statistics, and the result."""
+    import copy
+
+    from lowrank.methods import compress
+
+    copied = copy.deepcopy(model)
+    return copied, compress(copied, config, calibration=statistics)

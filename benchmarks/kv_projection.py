@@ -23,7 +23,6 @@ The last line printed is one JSON line with device, torch version and git SHA.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line, open_run  # noqa: E402
+from _common import RESULTS_DIR, compressed_copy, env_info, final_line, kv_statistics, open_run  # noqa: E402
 
 KEY_METHODS = ("k-svd", "eigen", "kq", "kq-sum")
 SPEED_DEFAULT = ["kq/KV-wo-aware/post/uniform/R=0.5", "kq/KV-wo-aware/pre/uniform/R=0.5"]
@@ -166,27 +165,9 @@ class Runner:
 
     @property
     def stats(self):
-        """:class:`CalibrationStatistics` of every layer's attention (and, for the whitened MLA rows, the
-        input Gram of k_proj), collected on first use."""
+        """The shared calibration statistics (:func:`_common.kv_statistics`), collected on first use."""
         if self._stats is None:
-            import torch
-
-            from lowrank.attention_stats import attention_request
-            from lowrank.calibration import InputGram, StatRequest
-            from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
-
-            def requests(index, layer):
-                return {
-                    "attention": attention_request(self.model),
-                    "input": StatRequest("self_attn.k_proj", lambda: InputGram(torch.float64)),
-                }
-
-            cal = CalibrationConfig(
-                sequential=False, samples=self.args.calib_samples, seq_len=self.args.calib_seq_len
-            )
-            start = time.perf_counter()
-            self._stats = collect_calibration_statistics(self.model, self.calib, requests, cal)
-            self.stats_seconds = round(time.perf_counter() - start, 1)
+            self._stats, self.stats_seconds = kv_statistics(self.model, self.calib)
         return self._stats
 
     def evaluate(self, model) -> dict[str, Any]:
@@ -212,11 +193,7 @@ class Runner:
 
     def compressed(self, spec: dict[str, Any]):
         """A compressed deep copy of the model and the compression result."""
-        from lowrank.methods import compress
-
-        model = copy.deepcopy(self.model)
-        result = compress(model, make_config(spec), calibration=self.stats)
-        return model, result
+        return compressed_copy(self.model, make_config(spec), self.stats)
 
     def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
         model, result = self.compressed(spec)
@@ -287,7 +264,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-
 
     from lowrank.io import write_json
 

@@ -23,7 +23,6 @@ JSON line with device, torch version and git SHA.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line, open_run  # noqa: E402
+from _common import RESULTS_DIR, compressed_copy, env_info, final_line, kv_statistics, open_run  # noqa: E402
 
 DECOMPOSERS = {  # label -> DecomposerConfig fields
     "svd": {"name": "svd"},
@@ -149,27 +148,9 @@ class Runner:
 
     @property
     def stats(self):
-        """:class:`CalibrationStatistics` with both keys the ``mla`` handler requests, collected once."""
+        """The shared calibration statistics (:func:`_common.kv_statistics`), collected on first use."""
         if self._stats is None:
-            from lowrank.architectures import get_arch_spec
-            from lowrank.attention_stats import attention_request
-            from lowrank.calibration import InputGram, StatRequest
-            from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
-
-            cal = CalibrationConfig(
-                sequential=False, samples=self.args.calib_samples, seq_len=self.args.calib_seq_len
-            )
-            k_path = get_arch_spec(self.model).linears["k"]
-
-            def requests(index, layer):
-                return {
-                    "attention": attention_request(self.model, dtype=cal.dtype),
-                    "input": StatRequest(k_path, lambda: InputGram(cal.dtype)),
-                }
-
-            start = time.perf_counter()
-            self._stats = collect_calibration_statistics(self.model, self.calib, requests, cal)
-            self.stats_seconds = round(time.perf_counter() - start, 1)
+            self._stats, self.stats_seconds = kv_statistics(self.model, self.calib)
         return self._stats
 
     def predicted_kv_bytes(self, cached_per_head: int) -> int:
@@ -198,12 +179,8 @@ class Runner:
         return out
 
     def compressed(self, spec: dict[str, Any]):
-        """A converted deep copy of the model and the compression result."""
-        from lowrank.methods import compress
-
-        model = copy.deepcopy(self.model)
-        result = compress(model, make_config(spec), calibration=self.stats)
-        return model, result
+        """A compressed deep copy of the model and the compression result."""
+        return compressed_copy(self.model, make_config(spec), self.stats)
 
     def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
         model, result = self.compressed(spec)
@@ -271,7 +248,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-
 
     from lowrank.io import write_json
 

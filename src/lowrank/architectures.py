@@ -24,6 +24,8 @@ __all__ = [
     "decoder_layers",
     "attention_shape",
     "AttentionShape",
+    "attention_function",
+    "routed_config",
     "attention_info",
     "AttentionInfo",
     "QKNormLayout",
@@ -300,3 +302,37 @@ def attention_info(model: nn.Module) -> AttentionInfo:
         sliding_window=tuple(_layer_window(a, cfg, t) for a, t in zip(attns, types, strict=True)),
         rope=tuple(bool(getattr(a, "use_rope", rotary is not None)) for a in attns),
     )
+
+
+def attention_function(module: nn.Module, implementation: str):
+    """The attention function ``module``'s own modeling code calls for ``implementation`` (eager, sdpa, …).
+
+    Raises:
+        ValueError: the implementation is not registered and the family has no eager function.
+    """
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    modeling = sys.modules[type(module).__module__]
+    interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+    function = interface.get_interface(implementation, getattr(modeling, "eager_attention_forward", None))
+    if function is None:
+        raise ValueError(
+            f"{type(module).__name__} uses attention implementation {implementation!r} but "
+            f"{modeling.__name__} has no eager_attention_forward; use a registered one (e.g. 'sdpa')"
+        )
+    return function
+
+
+def routed_config(config, implementation: str):
+    """A shallow copy of an attention module's config that selects ``implementation`` for that module only.
+
+    The dict form of ``_attn_implementation`` leaves sub-configs untouched; the model's own config (shared by
+    every layer) is never modified.
+    """
+    import copy
+
+    routed = copy.copy(config)
+    routed._attn_implementation = {"": implementation}
+    return routed

@@ -44,7 +44,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lowrank.io import atomic_dir, atomic_path, publish_permissions, remove_stale_temporaries, write_json
+from lowrank.io import (
+    atomic_dir,
+    atomic_path,
+    publish_permissions,
+    remove_stale_temporaries,
+    sha256_file,
+    write_json,
+)
 
 __all__ = [
     "CacheEntryError",
@@ -77,15 +84,6 @@ def cache_dir() -> Path:
     """The cache root: ``$LOWRANK_CACHE`` when set, else ``~/.cache/lowrank``."""
     env = os.environ.get("LOWRANK_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lowrank"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(entry: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:

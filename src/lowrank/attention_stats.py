@@ -23,8 +23,6 @@ layer's outputs are bit-identical. Pre-RoPE queries and keys come from forward h
 
 from __future__ import annotations
 
-import copy
-import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -32,9 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lowrank.architectures import QKNormLayout, attention_info, get_arch_spec
+from lowrank.architectures import (
+    QKNormLayout,
+    attention_function,
+    attention_info,
+    get_arch_spec,
+    routed_config,
+)
 from lowrank.calibration import Statistic, StatRequest
 from lowrank.surgery import get_module
 
@@ -76,21 +79,10 @@ class _AttentionTap:
             raise ValueError(
                 f"{type(module).__name__} has no config; expected a transformers attention module"
             )
-        modeling = sys.modules[type(module).__module__]
-        interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
-        original = interface.get_interface(
-            config._attn_implementation, getattr(modeling, "eager_attention_forward", None)
-        )
-        if original is None:
-            raise ValueError(
-                f"{type(module).__name__} uses attention implementation {config._attn_implementation!r} "
-                f"but {modeling.__name__} has no eager_attention_forward; use a registered one (e.g. 'sdpa')"
-            )
+        original = attention_function(module, config._attn_implementation)
         self.module, self.config, self.original, self.sink = module, config, original, sink
-        swapped = copy.copy(config)
-        swapped._attn_implementation = {"": CAPTURE_IMPLEMENTATION}  # dict form: sub-configs untouched
         _TAPS[module] = self
-        module.config = swapped
+        module.config = routed_config(config, CAPTURE_IMPLEMENTATION)
 
     def remove(self) -> None:
         if _TAPS.get(self.module) is self:

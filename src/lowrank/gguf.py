@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lowrank.assets import cache_dir, ensure_entry, sha256_file
+from lowrank.assets import cache_dir, ensure_entry
+from lowrank.io import sha256_file
 
 __all__ = ["gguf_model_dir", "convert_gguf_file"]
 

@@ -13,6 +13,7 @@ the usual permissions under the user's umask (e.g. 0644 / 0755), not the private
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -35,6 +36,7 @@ __all__ = [
     "remove_stale_temporaries",
     "publish_permissions",
     "read_text",
+    "sha256_file",
     "TOOLKIT_MARKER",
 ]
 
@@ -210,6 +212,15 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks (the one file checksum of caches, checkpoints, outputs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

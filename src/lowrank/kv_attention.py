@@ -24,17 +24,15 @@ and computes the same logits.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lowrank.architectures import attention_function, routed_config
 from lowrank.kv_cache import register_cache
 from lowrank.nn import KVProjection, LatentKV, register_replacement
 from lowrank.nn.rope import rotate
@@ -54,19 +52,6 @@ class _Call:
 
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     cache_projects: bool
-
-
-def family_attention_function(module: nn.Module, implementation: str):
-    """The attention function ``module``'s own modeling code would call for ``implementation``."""
-    modeling = sys.modules[type(module).__module__]
-    interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
-    function = interface.get_interface(implementation, getattr(modeling, "eager_attention_forward", None))
-    if function is None:
-        raise ValueError(
-            f"{type(module).__name__} uses attention implementation {implementation!r} but "
-            f"{modeling.__name__} has no eager_attention_forward; use a registered one (e.g. 'sdpa')"
-        )
-    return function
 
 
 def _projected_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
@@ -112,13 +97,11 @@ class ProjectedAttention(nn.Module):
             if not name.startswith("_") and name not in ("training", "config"):
                 object.__setattr__(self, name, value)
         implementation = attention.config._attn_implementation or "eager"
-        config = copy.copy(attention.config)
-        config._attn_implementation = {"": PROJECTED_IMPLEMENTATION}  # dict form: sub-configs untouched
-        self.config = config
+        self.config = routed_config(attention.config, PROJECTED_IMPLEMENTATION)
         self.kv = codec
         self.implementation = implementation
         self._family = type(attention)
-        self._inner_attention = family_attention_function(attention, implementation)
+        self._inner_attention = attention_function(attention, implementation)
         self._call: _Call | None = None
 
     def forward(self, *args: Any, **kwargs: Any):

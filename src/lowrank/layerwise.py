@@ -39,8 +39,8 @@ from lowrank.calibration import (
     collect_layer_statistics,
     run_layer,
 )
-from lowrank.io import atomic_path, write_json
-from lowrank.nn import build_replacement, describe_replacement
+from lowrank.io import atomic_path, sha256_file, write_json
+from lowrank.nn import build_replacement, describe_replacements
 from lowrank.surgery import replace_module
 
 __all__ = ["run_layerwise", "collect_statistics", "process_statistics", "LayerCheckpoint", "fingerprint"]
@@ -75,16 +75,6 @@ def outer_digest(model: nn.Module, layers: nn.ModuleList) -> str:
     inner = {id(t) for t in layers.state_dict(keep_vars=True).values()}
     outer = [(k, v) for k, v in model.state_dict(keep_vars=True).items() if id(v) not in inner]
     return fingerprint(*[part for k, v in sorted(outer, key=lambda kv: kv[0]) for part in (k, v)])
-
-
-def replacements_in(layer: nn.Module) -> dict[str, dict[str, Any]]:
-    """Descriptions of the registered replacement modules inside ``layer`` (relative names)."""
-    found = {}
-    for name, module in layer.named_modules():  # outer modules before the ones nested in them
-        desc = describe_replacement(module)
-        if desc is not None and name:
-            found[name] = desc
-    return found
 
 
 class LayerCheckpoint:
@@ -131,7 +121,7 @@ class LayerCheckpoint:
             tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
             with atomic_path(self.path(index)) as tmp:
                 save_file(tensors, str(tmp))
-                records[-1]["state_sha256"] = _file_sha256(tmp)
+                records[-1]["state_sha256"] = sha256_file(tmp)
         write_json(
             self.dir / "progress.json",
             {"format": _FORMAT, "fingerprint": self.key, "records": records, "timings": timings.seconds},
@@ -146,7 +136,7 @@ class LayerCheckpoint:
         if expected is None:  # a pass that did not change the layer
             return True
         path = self.path(index)
-        return path.is_file() and _file_sha256(path) == expected
+        return path.is_file() and sha256_file(path) == expected
 
     def restore(self, index: int, layer: nn.Module, record: dict[str, Any]) -> None:
         """Swap in the saved replacement modules and load the layer's saved state strictly."""
@@ -251,7 +241,7 @@ def run_layerwise(
             record = process(i, layer, stats)
             del stats
             record["layer"] = i
-            record["modules"] = replacements_in(layer)
+            record["modules"] = describe_replacements(layer)
             if source is not None:
                 record["source_sha256"] = source
             if sequential:
@@ -262,14 +252,6 @@ def run_layerwise(
         finally:
             layers[i].to(home)
     return records
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _replay(layer, index, inputs: LayerInputs, record, ckpt, sequential, device, timings) -> None:
@@ -337,7 +319,7 @@ def process_statistics(
         try:
             record = process(i, layer, statistics[i])
             record["layer"] = i
-            record["modules"] = replacements_in(layer)
+            record["modules"] = describe_replacements(layer)
             records.append(record)
         finally:
             layers[i].to(home)

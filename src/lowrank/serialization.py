@@ -17,7 +17,6 @@ computes exactly what the saved one did. Nothing from the directory is executed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.io import atomic_dir, check_output_dir, write_json
-from lowrank.nn import build_replacement, describe_replacement
+from lowrank.io import atomic_dir, check_output_dir, sha256_file, write_json
+from lowrank.nn import build_replacement, describe_replacements
 from lowrank.surgery import get_module, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_dir", "FORMAT_VERSION", "MANIFEST"]
@@ -37,21 +36,11 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MANIFEST = "lowrank.json"
 WEIGHTS = "model.safetensors"
-_CHUNK = 1 << 20
 
 
 def is_compressed_dir(path: str | Path) -> bool:
     """Whether ``path`` is a directory written by :func:`save_compressed`."""
     return (Path(path) / MANIFEST).is_file()
-
-
-def _replaced_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every registered replacement module, outer ones first (``named_modules`` order)."""
-    return {
-        name: desc
-        for name, module in model.named_modules()
-        if name and (desc := describe_replacement(module)) is not None
-    }
 
 
 def _state_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -69,11 +58,7 @@ def _state_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
 
 def file_digest(path: Path) -> dict[str, Any]:
     """``{"size": bytes, "sha256": hex}`` of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def save_compressed(
@@ -118,7 +103,7 @@ def save_compressed(
         summaries = [result.summary()]
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "modules": _replaced_modules(model),
+        "modules": describe_replacements(model),
         "tied": ties,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "attn_implementation": getattr(config, "_attn_implementation", None),

@@ -36,7 +36,7 @@ from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
 from lowrank.kv_cache import install_cache
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.nn import KVProjection
+from lowrank.nn import KVProjection, dense_weight
 from lowrank.pipeline import CalibrationConfig, RunContext
 from lowrank.surgery import get_module, replace_module
 
@@ -115,17 +115,18 @@ def key_maps(stats: Any, method: str, rope: str, R: int) -> kvp.Projection:
     return kvp.kq(G_K, getattr(stats, f"qsum_{rope}"), R)
 
 
+def output_blocks(o_weight: torch.Tensor, G_V: torch.Tensor, group: int) -> torch.Tensor:
+    """o_proj's weight as float64 blocks (H_kv, group, d, hidden) beside ``G_V`` (H_kv, d, d):
+    W_{O,i} = ``o_weight[:, i·d:(i+1)·d]ᵀ``, the block multiplying query head i's output."""
+    kv_heads, d = G_V.shape[0], G_V.shape[-1]
+    return o_weight.detach().to(G_V.device, torch.float64).T.reshape(kv_heads, group, d, -1)
+
+
 def value_maps(stats: Any, method: str, o_weight: torch.Tensor, group: int, R: int) -> kvp.Projection:
     """The value projections (batched over KV heads) from VᵀV and, for ``wo-aware``, o_proj's weight."""
     if method == "v-svd":
         return kvp.v_svd(stats.vv, R)
-    kv_heads, d = stats.vv.shape[0], stats.vv.shape[-1]
-    blocks = o_weight.detach().to(torch.float64).T.reshape(kv_heads, group, d, -1)
-    return kvp.wo_aware(stats.vv, blocks.to(stats.vv.device), R)
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    return module.weight if isinstance(module, nn.Linear) else module.to_linear().weight
+    return kvp.wo_aware(stats.vv, output_blocks(o_weight, stats.vv, group), R)
 
 
 def _maps(
@@ -139,9 +140,8 @@ def _maps(
 
 def _value_grams(stats: Any, o_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(VᵀV, Σ_i W_{O,i} W_{O,i}ᵀ) per KV head: the value path's objective as a "KQᵀ" problem."""
-    kv_heads, d = stats.vv.shape[0], stats.vv.shape[-1]
-    blocks = o_weight.detach().to(torch.float64).T.reshape(kv_heads, stats.group_size, d, -1)
-    return stats.vv, (blocks @ blocks.mT).sum(1).to(stats.vv.device)
+    blocks = output_blocks(o_weight, stats.vv, stats.group_size)
+    return stats.vv, (blocks @ blocks.mT).sum(1)
 
 
 def _relative(
@@ -193,7 +193,7 @@ def _project_layer(
     attn = get_module(layer, attention)
     key_rank, value_rank = ranks
     ref = next(attn.parameters())
-    o_weight = _dense_weight(attn.o_proj)
+    o_weight = dense_weight(attn.o_proj)
     with ctx.timings.measure("decomposition"):
         keys, values = _maps(stats, config, o_weight, key_rank, value_rank)
         G_K, G_Q = getattr(stats, f"kk_{config.rope}"), getattr(stats, f"qq_group_{config.rope}")
@@ -291,7 +291,7 @@ def _layer_ranks(model, config: KVProjectionConfig, requests, ctx: RunContext, a
         ctx.precompute(requests, config.calibration)
 
     def curves(index: int, layer: nn.Module, stats: dict) -> dict[str, Any]:
-        o_weight = _dense_weight(get_module(layer, attention).o_proj)
+        o_weight = dense_weight(get_module(layer, attention).o_proj)
         with ctx.timings.measure("decomposition"):
             return {"curves": error_curves(stats["attention"], config, o_weight)}
 

@@ -40,7 +40,7 @@ from lowrank.kv_cache import install_cache
 from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.nn import LatentKV
+from lowrank.nn import LatentKV, dense_weight
 from lowrank.pipeline import CalibrationConfig, RunContext
 from lowrank.surgery import get_module, replace_module
 
@@ -200,10 +200,6 @@ def latent_basis(W: torch.Tensor, rank: int, decompose, whitening=None) -> tuple
     return U, max(total - float(S.square().sum()), 0.0) / total if total > 0 else 0.0
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    return module.weight if isinstance(module, nn.Linear) else module.to_linear().weight
-
-
 def _convert_layer(layer: nn.Module, stats: dict, config: MLAConfig, shape, paths, decompose, ctx) -> dict:
     """Replace the layer's attention by a latent-cache one; returns the layer's record."""
     attention, k_path = paths
@@ -231,8 +227,8 @@ def _convert_layer(layer: nn.Module, stats: dict, config: MLAConfig, shape, path
         dtype=ref.dtype,
     )
     codec.set_pairs(pairs)
-    W_k = _dense_weight(get_module(layer, k_path)).detach().to(torch.float64).view(Hkv, d, -1)
-    W_v = _dense_weight(attn.v_proj).detach().to(torch.float64).view(Hkv, d, -1)
+    W_k = dense_weight(get_module(layer, k_path)).detach().to(torch.float64).view(Hkv, d, -1)
+    W_v = dense_weight(attn.v_proj).detach().to(torch.float64).view(Hkv, d, -1)
     whitening = None
     if config.whiten:
         with ctx.timings.measure("whitening"):

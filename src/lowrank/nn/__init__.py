@@ -3,6 +3,7 @@
 from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the module registers itself)
     LowRankLinear,
     dense_parameters,
+    dense_weight,
     factored_parameters,
     parameters_saved,
 )
@@ -11,6 +12,7 @@ from lowrank.nn.low_rank_kv import KVProjection
 from lowrank.nn.registry import (
     build_replacement,
     describe_replacement,
+    describe_replacements,
     register_replacement,
     replacement_class,
 )
@@ -20,10 +22,12 @@ __all__ = [
     "KVProjection",
     "LatentKV",
     "dense_parameters",
+    "dense_weight",
     "factored_parameters",
     "parameters_saved",
     "register_replacement",
     "replacement_class",
     "describe_replacement",
+    "describe_replacements",
     "build_replacement",
 ]

@@ -16,12 +16,19 @@ from torch import nn
 from lowrank.linalg.allocation import dense_parameters, factored_parameters
 from lowrank.nn.registry import register_replacement
 
-__all__ = ["LowRankLinear", "dense_parameters", "factored_parameters", "parameters_saved"]
+__all__ = ["LowRankLinear", "dense_parameters", "factored_parameters", "parameters_saved", "dense_weight"]
 
 
 def parameters_saved(out_features: int, in_features: int, rank: int) -> int:
     """Weights saved by factorizing an ``out × in`` matrix at ``rank`` (negative: the factors are larger)."""
     return dense_parameters(out_features, in_features) - factored_parameters(out_features, in_features, rank)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out × in) weight of an ``nn.Linear``, or the product B A of a :class:`LowRankLinear`."""
+    if isinstance(module, LowRankLinear):
+        return module.up.weight @ module.down.weight
+    return module.weight
 
 
 @register_replacement

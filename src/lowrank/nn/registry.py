@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["register_replacement", "replacement_class", "describe_replacement", "build_replacement"]
+__all__ = [
+    "register_replacement",
+    "replacement_class",
+    "describe_replacement",
+    "describe_replacements",
+    "build_replacement",
+]
 
 _REPLACEMENTS: dict[str, type[nn.Module]] = {}
 
@@ -56,6 +62,16 @@ def describe_replacement(module: nn.Module) -> dict[str, Any] | None:
     if _REPLACEMENTS.get(name) is not type(module):
         return None
     return {"class": name, "spec": module.replacement_spec()}  # type: ignore[operator]
+
+
+def describe_replacements(root: nn.Module) -> dict[str, dict[str, Any]]:
+    """:func:`describe_replacement` of every registered replacement inside ``root`` (relative names), outer
+    modules before the ones nested in them, so rebuilding in this order puts each where it was."""
+    return {
+        name: desc
+        for name, module in root.named_modules()
+        if name and (desc := describe_replacement(module)) is not None
+    }
 
 
 def build_replacement(
