@@ -19,13 +19,14 @@ class MemoryReport:
     """Outcome of :func:`memory_report`."""
 
     parameters: int
-    """All parameters (shared/tied tensors counted once)."""
+    """All parameters (shared/tied tensors counted once; a quantized layer counts the weights it stores)."""
     decoder_linear_parameters: int
     """Parameters of every ``nn.Linear`` inside the decoder layers (low-rank factor pairs included)."""
     weight_bytes: int
-    """Bytes of all parameters in their current dtypes (shared tensors counted once)."""
+    """Bytes of all parameters in their current dtypes (shared tensors counted once) plus the stored
+    tensors of quantized layers (packed weights, scales, zero points)."""
     buffer_bytes: int
-    """Bytes of registered buffers (rotary tables, …)."""
+    """Bytes of registered buffers (rotary tables, …), not counting the quantized weights."""
     kv_cache_bytes_per_token: float
     """Bytes held by the model's cache (:func:`lowrank.kv_cache.make_cache`: the installed class, else
     ``DynamicCache``) after a real forward pass filled it, divided by batch x tokens."""
@@ -89,12 +90,17 @@ def tensor_bytes(obj: Any, *, max_depth: int = 8) -> int:
 
 
 def _decoder_linear_parameters(model: nn.Module) -> int:
-    params = []
+    from lowrank.nn.quantized_linear import QuantizedLinear
+
+    params, quantized = [], 0
     for layer in decoder_layers(model):
         for module in layer.modules():
             if isinstance(module, nn.Linear):
                 params.extend(module.parameters(recurse=False))
-    return sum(p.numel() for p in _unique(params))
+            elif isinstance(module, QuantizedLinear):
+                params.extend(module.parameters(recurse=False))
+                quantized += module.in_features * module.out_features
+    return sum(p.numel() for p in _unique(params)) + quantized
 
 
 @torch.inference_mode()
@@ -129,13 +135,15 @@ def memory_report(model: nn.Module, *, tokens: int = 64, batch_size: int = 1) ->
     """
     if tokens < 1 or batch_size < 1:
         raise ValueError(f"tokens and batch_size must be >= 1; got tokens={tokens}, batch_size={batch_size}")
-    params = list(model.parameters())  # shared (tied) parameters are yielded once
+    from lowrank.methods.base import count_parameters, weight_bytes
+    from lowrank.nn.quantized_linear import stored_weight_bytes
+
     kv_bytes, kv_class = _kv_cache_bytes(model, tokens, batch_size)
     return MemoryReport(
-        parameters=sum(p.numel() for p in params),
+        parameters=count_parameters(model),
         decoder_linear_parameters=_decoder_linear_parameters(model),
-        weight_bytes=sum(p.numel() * p.element_size() for p in params),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        weight_bytes=weight_bytes(model),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()) - stored_weight_bytes(model),
         kv_cache_bytes_per_token=kv_bytes,
         kv_cache_tokens=tokens,
         kv_cache_class=kv_class,

@@ -20,6 +20,7 @@ from lowrank.methods.common import LowRankConfig, WhitenedConfig
 from lowrank.methods.heal import HealConfig
 from lowrank.methods.kv_projection import KVProjectionConfig
 from lowrank.methods.mla import MLAConfig
+from lowrank.methods.quantize import QuantizeConfig
 from lowrank.methods.svd import SVDConfig
 from lowrank.methods.svd_llm import SVDLLMConfig, collect_gram_statistics
 from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
@@ -40,6 +41,7 @@ __all__ = [
     "KVProjectionConfig",
     "MLAConfig",
     "HealConfig",
+    "QuantizeConfig",
     "collect_gram_statistics",
     "config_from_dict",
     "config_class",

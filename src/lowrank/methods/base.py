@@ -188,13 +188,19 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters of ``model`` (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters of ``model`` (tied weights counted once); a quantized layer counts the
+    out × in weights it stores, so quantization leaves the count unchanged."""
+    from lowrank.nn.quantized_linear import represented_parameters
+
+    return sum(p.numel() for p in model.parameters()) + represented_parameters(model)
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct parameters of ``model`` in their current dtypes."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the distinct parameters of ``model`` in their current dtypes, plus the stored tensors of
+    every quantized layer (packed weights, scales and zero points)."""
+    from lowrank.nn.quantized_linear import stored_weight_bytes
+
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + stored_weight_bytes(model)
 
 
 def applied_methods(model: nn.Module) -> list[dict[str, Any]]:

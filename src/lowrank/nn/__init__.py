@@ -9,6 +9,7 @@ from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the mod
 )
 from lowrank.nn.latent_kv import LatentKV
 from lowrank.nn.low_rank_kv import KVProjection
+from lowrank.nn.quantized_linear import QuantizedLinear
 from lowrank.nn.registry import (
     build_replacement,
     describe_replacement,
@@ -21,6 +22,7 @@ __all__ = [
     "LowRankLinear",
     "KVProjection",
     "LatentKV",
+    "QuantizedLinear",
     "dense_parameters",
     "dense_weight",
     "factored_parameters",
