@@ -253,7 +253,8 @@ def heal(
 
     Returns:
         Details: steps, tokens trained, held-out loss before / after (the restored best) / at the last
-        evaluation, a short training-loss curve, trainable parameter count, wall time.
+        evaluation, a short training-loss curve, every held-out evaluation (step, loss, cross-entropy),
+        trainable parameter count, wall time.
 
     Raises:
         ValueError: (one line) mismatched vocabularies, too few calibration sequences, nothing to train,
@@ -377,6 +378,10 @@ def _details(state: _Progress, config, train_ids, params, last: float, resumed_a
         "heldout_ce_after": _sig(best["heldout_ce"]),
         "best_step": best["step"],
         "loss_curve": [_sig(x, 4) for x in state.losses[::stride]],
+        "heldout_curve": [
+            {"step": e["step"], "loss": _sig(e["heldout_loss"]), "ce": _sig(e["heldout_ce"])}
+            for e in state.evals
+        ],
         "resumed_from_step": resumed_at,
         "train_time_s": round(state.elapsed_s, 3),
     }

@@ -1,0 +1,128 @@
+"""Table and figure of ``heal.py`` (kept apart from the measuring loop)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+CORPORA = ("wiki", "shakespeare")
+
+
+def _recovered(original: float, compressed: float, healed: float) -> float | None:
+    """Share of the log-perplexity lost by compression that healing won back (None when nothing was lost)."""
+    lost = math.log(compressed) - math.log(original)
+    return None if lost <= 0 else (math.log(compressed) - math.log(healed)) / lost
+
+
+def rows(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (configuration, budget): perplexities, recovered fractions, time, structure check."""
+    original = state["original"]["perplexity"]
+    out = []
+    for name, entry in state["configs"].items():
+        before = entry["compressed"]
+        for healed in sorted(entry["healed"].values(), key=lambda h: (h["tokens"], h["learning_rate"])):
+            d = healed["details"]
+            out.append(
+                {
+                    "config": name,
+                    "tokens_budget": healed["tokens"],
+                    "learning_rate": healed["learning_rate"],
+                    "tokens_trained": d["tokens_trained"],
+                    "steps": d["steps"],
+                    "stopped_early": d["stopped_early"],
+                    "heal_seconds": healed["heal_seconds"],
+                    "perplexity_compressed": before["perplexity"],
+                    "perplexity_healed": healed["perplexity"],
+                    "recovered": {
+                        c: _recovered(original[c], before["perplexity"][c], healed["perplexity"][c])
+                        for c in CORPORA
+                    },
+                    "structure_unchanged": healed["weight_bytes"] == before["weight_bytes"]
+                    and healed["kv_bytes_per_token"] == before["kv_bytes_per_token"],
+                }
+            )
+    return out
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def report(
+    state: dict[str, Any], figure_path: Path, target: float
+) -> tuple[str, list[dict[str, Any]], Path | None]:
+    """(Markdown, summary rows, figure path or None when matplotlib is missing)."""
+    s = state["settings"]
+    original = state["original"]["perplexity"]
+    table = rows(state)
+    lines = [
+        f"# Healing on {s['model']} (CPU)",
+        "",
+        f"Perplexity on the first {s['windows']} wiki-test and {s['windows_shakespeare']} shakespeare "
+        f"windows of 512 tokens, the original measured in the same run: wiki {original['wiki']:.2f}, "
+        f"shakespeare {original['shakespeare']:.2f}. Compression calibration: {s['calib_samples']} × "
+        f"{s['calib_seq_len']} wiki calibration tokens. Healing: `HealConfig` defaults "
+        "(lr = peak learning rate)"
+        + (f" except {s['heal']}" if s["heal"] else "")
+        + f", on sequences of {s['calib_seq_len']} wiki calibration tokens (the test split is never trained "
+        "on; shakespeare is out of domain). Recovered = (ln ppl_compressed − ln ppl_healed) / "
+        "(ln ppl_compressed − ln ppl_original), target ≥ "
+        f"{target}. Ratios: svd-llm-v2 'removed' = share of the original parameters removed; KV % = cached "
+        "K/V numbers kept per token and layer; R/d = cached dimensions kept per KV head.",
+        "",
+        "| configuration | healing tokens | lr | steps | wiki ppl before → after | recovered "
+        "| shakespeare ppl before → after | recovered | heal s | target | structure unchanged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        rec, before, after = r["recovered"], r["perplexity_compressed"], r["perplexity_healed"]
+        met = all(v is not None and v >= target for v in rec.values())
+        tokens = f"{r['tokens_trained']:,}" + (" (stopped early)" if r["stopped_early"] else "")
+        lines.append(
+            f"| {r['config']} | {tokens} | {r['learning_rate']:g} | {r['steps']} | "
+            f"{before['wiki']:.2f} → {after['wiki']:.2f} | {_f(rec['wiki'])} | "
+            f"{before['shakespeare']:.2f} → {after['shakespeare']:.2f} | "
+            f"{_f(rec['shakespeare'])} | {r['heal_seconds']:.0f} | {'PASS' if met else 'FAIL'} | "
+            f"{'yes' if r['structure_unchanged'] else 'NO'} |"
+        )
+    figure = _figure(state, figure_path)
+    if figure is not None:
+        lines += ["", f"![wiki perplexity vs healing tokens]({figure.name})"]
+    return "\n".join(lines) + "\n", table, figure
+
+
+def _figure(state: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from lowrank.io import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, corpus in zip(axes, CORPORA, strict=True):
+        for name, entry in state["configs"].items():
+            rates = sorted({h["learning_rate"] for h in entry["healed"].values()})
+            for lr in rates:
+                points = [(0, entry["compressed"]["perplexity"][corpus])] + sorted(
+                    (h["details"]["tokens_trained"], h["perplexity"][corpus])
+                    for h in entry["healed"].values()
+                    if h["learning_rate"] == lr
+                )
+                label = name if len(rates) == 1 else f"{name}, lr {lr:g}"
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.axhline(state["original"]["perplexity"][corpus], color="black", linestyle="--", label="original")
+        ax.set_yscale("log")
+        ax.set_xlabel("healing tokens")
+        ax.set_ylabel(f"{corpus} perplexity")
+        ax.set_title(corpus + (" (never trained on)" if corpus == "wiki" else " (out of domain)"))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,257 @@
+"""Healing on the built-in model: perplexity before and after a distillation fine-tune, per method and budget.
+
+    python benchmarks/heal.py                                  # the full grid (results/heal_cpu.*)
+    python benchmarks/heal.py --tokens 50000 --configs 0 1     # a subset: budgets and configuration indices
+    python benchmarks/heal.py --resume                         # continue an interrupted run
+    python benchmarks/heal.py --report-only                    # rewrite the report from the partial file
+    python benchmarks/heal.py --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
+        --windows 1 --windows-shakespeare 1 --heldout-sequences 2 --results-dir /tmp/heal_smoke  # smoke test
+
+For every configuration (a compression method at one setting) the script compresses a fresh copy of the
+model once, measures its perplexity, then for every token budget heals a copy of the compressed model
+against the original (``lowrank.healing.heal``, the teacher in memory, ``HealConfig`` defaults unless
+given) and measures it again, on the same wiki-test and shakespeare windows as the original in the same
+run. Healing trains on the wiki ``calibration`` split, disjoint from the ``test`` split evaluated here;
+shakespeare is out of domain and never trained on. Budgets run in ascending order over all configurations,
+so an interrupted run has the small budgets of every configuration first; each finished (configuration,
+budget) is written to ``<results-dir>/<out-name>.partial.json`` and ``--resume`` continues from it.
+
+Recovered fraction = (ln ppl_compressed − ln ppl_healed) / (ln ppl_compressed − ln ppl_original): 1 is the
+original's perplexity, 0 no gain; the target is at least 0.5. Weight bytes and KV-cache bytes per token are
+measured after healing and must equal the compressed model's. The last line printed is one JSON line with
+device, torch version and git SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS_DIR, env_info, final_line, open_run, write_results  # noqa: E402
+
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
+    ("svd-llm-v2 40 % removed", {"method": "svd-llm-v2", "ratio": 0.4}),
+    ("mla seed (31.25 % KV)", {"method": "mla", "rope_dim": 8, "kv_rank": 32}),
+    ("mla 50 % KV", {"method": "mla", "rope_dim": 8, "kv_rank": 56}),
+    (
+        "kv-projection kq pre-RoPE R/d 0.5",
+        {"method": "kv-projection", "kv_method": "kq", "rope": "pre", "rank_fraction": 0.5},
+    ),
+]
+TARGET = 0.5
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument(
+        "--configs",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"indices into the configuration list (0–{len(CONFIGS) - 1}; default: all)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[50_000, 200_000, 400_000],
+        help="healing token budgets (default 50000 200000 400000)",
+    )
+    p.add_argument(
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="peak learning rates to compare (default: HealConfig's)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (HealConfig default)")
+    p.add_argument(
+        "--heldout-sequences", type=int, default=None, help="held-out sequences (HealConfig default)"
+    )
+    p.add_argument("--calib-samples", type=int, default=32, help="compression calibration sequences (32)")
+    p.add_argument(
+        "--calib-seq-len", type=int, default=512, help="tokens per sequence, compression and healing"
+    )
+    p.add_argument("--windows", type=int, default=8, help="wiki test windows of 512 tokens (8)")
+    p.add_argument("--windows-shakespeare", type=int, default=4, help="shakespeare windows of 512 tokens (4)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the partial file")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the partial file")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out-name", default="heal_cpu")
+    return p
+
+
+def _heal_overrides(args) -> dict[str, Any]:
+    names = ("batch_size", "heldout_sequences")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+class _Run:
+    """The original model, its tokenizer, the evaluation windows and the compressed models (made once)."""
+
+    def __init__(self, args) -> None:
+        import lowrank
+        from lowrank.data import tokenize
+
+        self.args = args
+        self.model, self.tokenizer = lowrank.load_model(args.model)
+        self.eval_ids = {
+            "wiki": (tokenize(self.tokenizer, lowrank.load_text("wiki", "test")), args.windows),
+            "shakespeare": (
+                tokenize(self.tokenizer, lowrank.load_text("shakespeare", "test")),
+                args.windows_shakespeare,
+            ),
+        }
+        self._compressed: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._heal_ids: dict[int, Any] = {}
+
+    def measure(self, model) -> dict[str, Any]:
+        from lowrank.evaluation import memory_report, perplexity
+        from lowrank.methods import weight_bytes
+
+        ppl = {
+            corpus: perplexity(
+                model, self.tokenizer, ids, seq_len=512, max_windows=n, progress=False
+            ).perplexity
+            for corpus, (ids, n) in self.eval_ids.items()
+        }
+        kv = memory_report(model).kv_cache_bytes_per_token
+        return {"perplexity": ppl, "weight_bytes": weight_bytes(model), "kv_bytes_per_token": kv}
+
+    def compressed(self, index: int) -> tuple[Any, dict[str, Any]]:
+        """The model compressed with configuration ``index`` and its measurements (made on first use)."""
+        if index not in self._compressed:
+            from lowrank.methods import compress, config_from_dict
+            from lowrank.pipeline import calibration_tokens
+
+            calibration = {"samples": self.args.calib_samples, "seq_len": self.args.calib_seq_len}
+            config = config_from_dict({**CONFIGS[index][1], "calibration": calibration})
+            model = copy.deepcopy(self.model)
+            start = time.perf_counter()
+            compress(model, config, calibration=calibration_tokens(config.calibration, self.tokenizer))
+            info = {"compress_seconds": round(time.perf_counter() - start, 1), **self.measure(model)}
+            self._compressed[index] = (model, info)
+        return self._compressed[index]
+
+    def healed(self, index: int, tokens: int, learning_rate: float | None) -> dict[str, Any]:
+        from lowrank.healing import heal
+        from lowrank.methods import HealConfig
+        from lowrank.pipeline import calibration_tokens
+
+        compressed, _ = self.compressed(index)
+        config = HealConfig(
+            teacher=self.args.model,
+            tokens=tokens,
+            calibration={"seq_len": self.args.calib_seq_len},
+            **_heal_overrides(self.args),
+            **({} if learning_rate is None else {"learning_rate": learning_rate}),
+        )
+        ids = calibration_tokens(config.calibration, self.tokenizer)
+        student = copy.deepcopy(compressed)
+        start = time.perf_counter()
+        details = heal(student, self.model, ids, config)
+        wall = round(time.perf_counter() - start, 1)
+        return {
+            "tokens": tokens,
+            "learning_rate": config.learning_rate,
+            "heal_seconds": wall,
+            "details": details,
+            **self.measure(student),
+        }
+
+
+def _key(tokens: int, learning_rate: float | None) -> str:
+    from lowrank.methods import HealConfig
+
+    lr = HealConfig.__dataclass_fields__["learning_rate"].default if learning_rate is None else learning_rate
+    return f"{tokens}@lr={lr:g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    indices = args.configs if args.configs is not None else list(range(len(CONFIGS)))
+    if bad := [i for i in indices if not 0 <= i < len(CONFIGS)]:
+        raise SystemExit(f"--configs {bad}: indices must be in 0–{len(CONFIGS) - 1}")
+    if bad := [t for t in args.tokens if t < 1]:
+        raise SystemExit(f"--tokens {bad}: budgets must be positive integers")
+    settings = {
+        "model": args.model,
+        "calib_samples": args.calib_samples,
+        "calib_seq_len": args.calib_seq_len,
+        "windows": args.windows,
+        "windows_shakespeare": args.windows_shakespeare,
+        "heal": _heal_overrides(args),
+    }
+    state, partial, load_before, started = open_run(args, settings)
+    if not args.report_only:
+        from lowrank.io import write_json
+
+        run = _Run(args)
+        if "original" not in state:
+            state["original"] = run.measure(run.model)
+            write_json(partial, state)
+        for index in indices:  # compressed figures first: cheap, and every budget needs them
+            name = CONFIGS[index][0]
+            entry = state["configs"].setdefault(name, {"config": CONFIGS[index][1], "healed": {}})
+            if "compressed" not in entry:
+                entry["compressed"] = run.compressed(index)[1]
+                write_json(partial, state)
+        for tokens in sorted(args.tokens):
+            for index in indices:
+                for lr in args.learning_rates or [None]:
+                    entry = state["configs"][CONFIGS[index][0]]
+                    if _key(tokens, lr) in entry["healed"]:
+                        continue
+                    print(
+                        f"healing {CONFIGS[index][0]} with {tokens:,} tokens (lr {lr or 'default'})",
+                        flush=True,
+                    )
+                    entry["healed"][_key(tokens, lr)] = run.healed(index, tokens, lr)
+                    write_json(partial, state)
+    if "original" not in state:
+        raise SystemExit(f"nothing measured yet in {partial}")
+    from _heal_report import report
+
+    env = env_info("cpu")
+    markdown, rows, figure = report(state, args.results_dir / f"{args.out_name}_perplexity.png", TARGET)
+    print(markdown)
+    payload = {
+        "settings": settings,
+        "env": env,
+        "load_average_at_start": load_before,
+        "original": state["original"],
+        "configs": state["configs"],
+        "summary": rows,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.results_dir == RESULTS_DIR:
+        write_results(args.out_name, payload, markdown)
+    else:
+        from lowrank.io import write_json, write_text
+
+        write_json(args.results_dir / f"{args.out_name}.json", payload)
+        write_text(args.results_dir / f"{args.out_name}.md", markdown)
+    print(
+        final_line(
+            device=env["device_name"],
+            torch=env["torch"],
+            git_sha=env["git_sha"],
+            measured=len(rows),
+            figure=str(figure) if figure else None,
+        )
+    )
+    structure_kept = all(r["structure_unchanged"] for r in rows)
+    return 0 if structure_kept else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
