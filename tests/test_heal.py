@@ -77,6 +77,10 @@ def test_healing_lowers_training_and_heldout_loss(pair):
     assert details["heldout_loss_after"] < details["heldout_loss_before"]
     assert details["heldout_loss_after"] == pytest.approx(_kl(student, teacher, ids[-8:]), rel=1e-5)
     assert details["steps"] == math.ceil(24 / 4) and details["tokens_trained"] == 24 * SEQ_LEN
+    curve = details["heldout_curve"]  # every held-out evaluation, the one before training first
+    assert [e["step"] for e in curve] == [0, *range(config.eval_every, 6, config.eval_every), 6]
+    assert curve[0]["loss"] == details["heldout_loss_before"]
+    assert min(e["loss"] for e in curve) == details["heldout_loss_after"]
 
 
 @pytest.mark.parametrize("method", [SVDLLMConfig(ratio=0.5), MLAConfig(**MLAConfig.example)])
