@@ -126,6 +126,7 @@ def _figure(points: list[dict[str, Any]], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     from lowrank.io import atomic_path
@@ -163,6 +164,8 @@ def _figure(points: list[dict[str, Any]], path: Path) -> Path | None:
         )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([16, 32, 64, 128, 256, 512], labels=["16", "32", "64", "128", "256", "512"])
         ax.set_xlabel("decoder linear bytes (MiB, as stored)")
         ax.set_ylabel(f"{corpus} perplexity")
         ax.set_title(f"{corpus} (labels: bits per weight)")

@@ -217,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     entry["healed"][_key(tokens, lr)] = run.healed(index, tokens, lr)
                     write_json(partial, state)
+        state["last_measuring_run"] = {
+            "env": env_info("cpu"),
+            "threads": args.threads,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+        write_json(partial, state)
     if "original" not in state:
         raise SystemExit(f"nothing measured yet in {partial}")
     from _heal_report import report
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "original": state["original"],
         "configs": state["configs"],
         "summary": rows,
+        "last_measuring_run": state.get("last_measuring_run"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     if args.results_dir == RESULTS_DIR:

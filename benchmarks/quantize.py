@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"measuring {key}", flush=True)
             state["configs"][key] = run.point(ratio, bits)
             write_json(partial, state)
+        state["last_measuring_run"] = {
+            "env": env_info("cpu"),
+            "threads": args.threads,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+        write_json(partial, state)
     if not state["configs"]:
         raise SystemExit(f"nothing measured yet in {partial}")
     from _quant_report import report
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": load_before,
         "points": state["configs"],
         "summary": summary,
+        "last_measuring_run": state.get("last_measuring_run"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     if args.results_dir == RESULTS_DIR:
