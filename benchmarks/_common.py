@@ -72,15 +72,29 @@ def env_info(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str | None = None) -> Path:
-    """Write ``results/<name>.json`` (and ``results/<name>.md`` when given) atomically."""
+def write_results(
+    name: str, payload: dict[str, Any], markdown: str | None = None, directory: Path = RESULTS_DIR
+) -> Path:
+    """Write ``<directory>/<name>.json`` (and ``.md`` when given) atomically; ``results/`` by default."""
     from lowrank.io import write_json, write_text
 
-    path = RESULTS_DIR / f"{name}.json"
+    path = Path(directory) / f"{name}.json"
     write_json(path, payload)
     if markdown is not None:
-        write_text(RESULTS_DIR / f"{name}.md", markdown)
+        write_text(Path(directory) / f"{name}.md", markdown)
     return path
+
+
+def record_run(state: dict[str, Any], args: Any, started: float) -> None:
+    """Note in a resumable run's state how the last measuring invocation ran (environment, threads, time),
+    so a later ``--report-only`` still reports it."""
+    import time
+
+    state["last_measuring_run"] = {
+        "env": env_info("cpu"),
+        "threads": getattr(args, "threads", None),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def final_line(**fields: Any) -> str:
@@ -154,3 +168,31 @@ def compressed_copy(model: Any, config: Any, statistics: Any) -> tuple[Any, Any]
 
     copied = copy.deepcopy(model)
     return copied, compress(copied, config, calibration=statistics)
+
+
+def load_for_evaluation(args: Any) -> tuple[Any, Any, dict[str, tuple[Any, int]]]:
+    """``(model, tokenizer, eval_ids)``: ``args.model`` loaded, and the wiki-test and shakespeare token ids
+    with the number of 512-token windows to evaluate (``args.windows``, ``args.windows_shakespeare``)."""
+    import lowrank
+    from lowrank.data import tokenize
+
+    model, tokenizer = lowrank.load_model(args.model)
+    eval_ids = {
+        "wiki": (tokenize(tokenizer, lowrank.load_text("wiki", "test")), args.windows),
+        "shakespeare": (
+            tokenize(tokenizer, lowrank.load_text("shakespeare", "test")),
+            args.windows_shakespeare,
+        ),
+    }
+    return model, tokenizer, eval_ids
+
+
+def perplexities(model: Any, eval_ids: dict[str, tuple[Any, int]], tokenizer: Any = None) -> dict[str, float]:
+    """Perplexity of ``model`` on each corpus of :func:`load_for_evaluation` (windows of 512 tokens; the
+    tokenizer decides the BOS token, none without one)."""
+    from lowrank.evaluation import perplexity
+
+    return {
+        corpus: perplexity(model, tokenizer, ids, seq_len=512, max_windows=n, progress=False).perplexity
+        for corpus, (ids, n) in eval_ids.items()
+    }

@@ -33,7 +33,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line, open_run, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    env_info,
+    final_line,
+    load_for_evaluation,
+    open_run,
+    perplexities,
+    record_run,
+    write_results,
+)
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
@@ -99,33 +108,20 @@ class _Run:
     """The original model, its tokenizer, the evaluation windows and the compressed models (made once)."""
 
     def __init__(self, args) -> None:
-        import lowrank
-        from lowrank.data import tokenize
-
         self.args = args
-        self.model, self.tokenizer = lowrank.load_model(args.model)
-        self.eval_ids = {
-            "wiki": (tokenize(self.tokenizer, lowrank.load_text("wiki", "test")), args.windows),
-            "shakespeare": (
-                tokenize(self.tokenizer, lowrank.load_text("shakespeare", "test")),
-                args.windows_shakespeare,
-            ),
-        }
+        self.model, self.tokenizer, self.eval_ids = load_for_evaluation(args)
         self._compressed: dict[int, tuple[Any, dict[str, Any]]] = {}
-        self._heal_ids: dict[int, Any] = {}
 
     def measure(self, model) -> dict[str, Any]:
-        from lowrank.evaluation import memory_report, perplexity
+        from lowrank.evaluation import memory_report
         from lowrank.methods import weight_bytes
 
-        ppl = {
-            corpus: perplexity(
-                model, self.tokenizer, ids, seq_len=512, max_windows=n, progress=False
-            ).perplexity
-            for corpus, (ids, n) in self.eval_ids.items()
-        }
         kv = memory_report(model).kv_cache_bytes_per_token
-        return {"perplexity": ppl, "weight_bytes": weight_bytes(model), "kv_bytes_per_token": kv}
+        return {
+            "perplexity": perplexities(model, self.eval_ids, self.tokenizer),
+            "weight_bytes": weight_bytes(model),
+            "kv_bytes_per_token": kv,
+        }
 
     def compressed(self, index: int) -> tuple[Any, dict[str, Any]]:
         """The model compressed with configuration ``index`` and its measurements (made on first use)."""
@@ -217,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     entry["healed"][_key(tokens, lr)] = run.healed(index, tokens, lr)
                     write_json(partial, state)
-        state["last_measuring_run"] = {
-            "env": env_info("cpu"),
-            "threads": args.threads,
-            "wall_seconds": round(time.perf_counter() - started, 1),
-        }
+        record_run(state, args, started)
         write_json(partial, state)
     if "original" not in state:
         raise SystemExit(f"nothing measured yet in {partial}")
@@ -240,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_measuring_run": state.get("last_measuring_run"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    if args.results_dir == RESULTS_DIR:
-        write_results(args.out_name, payload, markdown)
-    else:
-        from lowrank.io import write_json, write_text
-
-        write_json(args.results_dir / f"{args.out_name}.json", payload)
-        write_text(args.results_dir / f"{args.out_name}.md", markdown)
+    write_results(args.out_name, payload, markdown, args.results_dir)
     print(
         final_line(
             device=env["device_name"],

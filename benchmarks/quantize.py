@@ -30,7 +30,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, env_info, final_line, open_run, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    env_info,
+    final_line,
+    load_for_evaluation,
+    open_run,
+    perplexities,
+    record_run,
+    write_results,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,31 +95,16 @@ def decoder_linear_bytes(model) -> int:
 
 class _Run:
     def __init__(self, args) -> None:
-        import lowrank
-        from lowrank.data import tokenize
-
         self.args = args
-        self.model, self.tokenizer = lowrank.load_model(args.model)
-        self.eval_ids = {
-            "wiki": (tokenize(self.tokenizer, lowrank.load_text("wiki", "test")), args.windows),
-            "shakespeare": (
-                tokenize(self.tokenizer, lowrank.load_text("shakespeare", "test")),
-                args.windows_shakespeare,
-            ),
-        }
+        self.model, self.tokenizer, self.eval_ids = load_for_evaluation(args)
         self._grams = None
         self._lowrank: dict[float, Any] = {}
 
     def measure(self, model, seconds: float | None = None) -> dict[str, Any]:
-        from lowrank.evaluation import perplexity
         from lowrank.methods import weight_bytes
 
-        ppl = {
-            corpus: perplexity(model, None, ids, seq_len=512, max_windows=n, progress=False).perplexity
-            for corpus, (ids, n) in self.eval_ids.items()
-        }
         return {
-            "perplexity": ppl,
+            "perplexity": perplexities(model, self.eval_ids, self.tokenizer),
             "weight_bytes": weight_bytes(model),
             "linear_bytes": decoder_linear_bytes(model),
             "compress_seconds": seconds,
@@ -186,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"measuring {key}", flush=True)
             state["configs"][key] = run.point(ratio, bits)
             write_json(partial, state)
-        state["last_measuring_run"] = {
-            "env": env_info("cpu"),
-            "threads": args.threads,
-            "wall_seconds": round(time.perf_counter() - started, 1),
-        }
+        record_run(state, args, started)
         write_json(partial, state)
     if not state["configs"]:
         raise SystemExit(f"nothing measured yet in {partial}")
@@ -208,13 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_measuring_run": state.get("last_measuring_run"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    if args.results_dir == RESULTS_DIR:
-        write_results(args.out_name, payload, markdown)
-    else:
-        from lowrank.io import write_json, write_text
-
-        write_json(args.results_dir / f"{args.out_name}.json", payload)
-        write_text(args.results_dir / f"{args.out_name}.md", markdown)
+    write_results(args.out_name, payload, markdown, args.results_dir)
     print(
         final_line(
             device=env["device_name"],
