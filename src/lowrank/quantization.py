@@ -77,8 +77,8 @@ class HQQBackend(Backend):
 
     HQQ groups the flattened weight (a group may run across rows when ``in_features`` is not a multiple of
     the group size) and packs whole rows of groups, so the flattened weight is zero-padded to a multiple
-    of 4 groups (8 at 1 bit) and the padding cropped after dequantization. Scales and zero points are stored in
-    float16, as HQQ keeps them on a GPU (``scale_dtype`` may keep float32).
+    of 4 groups (8 at 1 bit) and the padding cropped after dequantization. Scales and zero points are
+    stored in float16, as HQQ keeps them on a GPU (``scale_dtype`` may keep float32).
     """
 
     name = "hqq"

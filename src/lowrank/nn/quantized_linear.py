@@ -150,6 +150,13 @@ class QuantizedLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> QuantizedLinear:
+        from lowrank.quantization import BACKENDS
+
+        if spec.get("backend") not in BACKENDS:
+            raise ValueError(
+                f"QuantizedLinear spec names quantization backend {spec.get('backend')!r}; this version "
+                f"knows {', '.join(sorted(BACKENDS))}"
+            )
         try:
             stored = {
                 name: (tuple(int(n) for n in s["shape"]), _dtype(s["dtype"]))
