@@ -196,3 +196,16 @@ def perplexities(model: Any, eval_ids: dict[str, tuple[Any, int]], tokenizer: An
         corpus: perplexity(model, tokenizer, ids, seq_len=512, max_windows=n, progress=False).perplexity
         for corpus, (ids, n) in eval_ids.items()
     }
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write atomically as PNG, and close a matplotlib figure; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    from lowrank.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -100,7 +100,7 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from lowrank.io import atomic_path
+    from _common import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, corpus in zip(axes, CORPORA, strict=True):
@@ -121,8 +121,4 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(corpus + (" (never trained on)" if corpus == "wiki" else " (out of domain)"))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -129,7 +129,7 @@ def _figure(points: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.ticker
     except ImportError:
         return None
-    from lowrank.io import atomic_path
+    from _common import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     series: dict[str, list[dict[str, Any]]] = {}
@@ -171,8 +171,4 @@ def _figure(points: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_title(f"{corpus} (labels: bits per weight)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
