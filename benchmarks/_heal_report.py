@@ -30,7 +30,7 @@ def rows(state: dict[str, Any]) -> list[dict[str, Any]]:
                     "learning_rate": healed["learning_rate"],
                     "tokens_trained": d["tokens_trained"],
                     "steps": d["steps"],
-                    "stopped_early": d["stopped_early"],
+                    "stopped_early": d["steps"] < d["steps_planned"],
                     "heal_seconds": healed["heal_seconds"],
                     "perplexity_compressed": before["perplexity"],
                     "perplexity_healed": healed["perplexity"],
@@ -102,8 +102,24 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         return None
     from _common import save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, corpus in zip(axes, CORPORA, strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for name, entry in state["configs"].items():  # held-out curve: exp(cross-entropy) during training
+        for h in sorted(entry["healed"].values(), key=lambda h: (h["learning_rate"], h["tokens"])):
+            tokens_per_step = h["details"]["tokens_trained"] / max(1, h["details"]["steps"])
+            curve = h["details"].get("heldout_curve", [])
+            axes[0].plot(
+                [e["step"] * tokens_per_step for e in curve],
+                [math.exp(e["ce"]) for e in curve],
+                marker=".",
+                label=f"{name}, lr {h['learning_rate']:g}, {h['tokens']:,} tokens",
+            )
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("healing tokens")
+    axes[0].set_ylabel("held-out perplexity (exp of cross-entropy)")
+    axes[0].set_title("held-out calibration sequences, during training")
+    axes[0].grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    for ax, corpus in zip(axes[1:], CORPORA, strict=True):
         for name, entry in state["configs"].items():
             rates = sorted({h["learning_rate"] for h in entry["healed"].values()})
             for lr in rates:
@@ -120,5 +136,5 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel(f"{corpus} perplexity")
         ax.set_title(corpus + (" (never trained on)" if corpus == "wiki" else " (out of domain)"))
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7)
     return save_figure(fig, path)
