@@ -34,7 +34,6 @@ import lowrank
 from lowrank.architectures import get_arch_spec
 from lowrank.data import tokenize
 from lowrank.evaluation import perplexity
-from lowrank.io import write_json, write_text
 from lowrank.methods import QuantizeConfig, compress
 from lowrank.nn import QuantizedLinear
 from lowrank.serialization import load_compressed, save_compressed
@@ -309,14 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report(args, rows, notes, numel)
     print(markdown)
     env = env_info("cpu")
-    payload = {"settings": {**vars(args), "results_dir": str(args.results_dir)}, "env": env}
+    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}  # no machine paths in results
+    payload = {"settings": settings, "env": env}
     payload.update(versions=versions, decoder_linear_weights=numel, rows=rows, notes=notes)
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if args.results_dir == RESULTS_DIR:
-        write_results(args.out_name, payload, markdown)
-    else:
-        write_json(args.results_dir / f"{args.out_name}.json", payload)
-        write_text(args.results_dir / f"{args.out_name}.md", markdown)
+    write_results(args.out_name, payload, markdown, args.results_dir)
     identical = all(r["reload_identical"] for r in rows if "reload_identical" in r)
     fields = {"device": env["device_name"], "torch": env["torch"], "git_sha": env["git_sha"]}
     print(final_line(**fields, rows=len(rows) - 1, libraries=versions, all_reload_identical=identical))
