@@ -150,13 +150,9 @@ class QuantizedLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> QuantizedLinear:
-        from lowrank.quantization import BACKENDS
+        from lowrank.quantization import get_backend
 
-        if spec.get("backend") not in BACKENDS:
-            raise ValueError(
-                f"QuantizedLinear spec names quantization backend {spec.get('backend')!r}; this version "
-                f"knows {', '.join(sorted(BACKENDS))}"
-            )
+        get_backend(spec.get("backend"))  # an unknown backend: the registry's one-line error, at load time
         try:
             stored = {
                 name: (tuple(int(n) for n in s["shape"]), _dtype(s["dtype"]))
