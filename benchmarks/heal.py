@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="peak learning rates to compare (default: HealConfig's)",
     )
+    p.add_argument(
+        "--trainable",
+        nargs="+",
+        default=["replaced"],
+        choices=("replaced", "all"),
+        help="what trains, each compared (HealConfig.trainable; default replaced)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="healing compute (HealConfig.precision; default auto: bfloat16 where the CPU has it natively)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (HealConfig default)")
     p.add_argument(
         "--heldout-sequences", type=int, default=None, help="held-out sequences (HealConfig default)"
@@ -138,19 +151,45 @@ class _Run:
             self._compressed[index] = (model, info)
         return self._compressed[index]
 
-    def healed(self, index: int, tokens: int, learning_rate: float | None) -> dict[str, Any]:
-        from lowrank.healing import heal
+    def heal_config(self, tokens: int, learning_rate: float | None = None, trainable: str = "replaced"):
         from lowrank.methods import HealConfig
+
+        return HealConfig(
+            teacher=self.args.model,
+            tokens=tokens,
+            learning_rate=learning_rate,
+            trainable=trainable,
+            precision=self.args.precision,
+            calibration={"seq_len": self.args.calib_seq_len},
+            **_heal_overrides(self.args),
+        )
+
+    def heldout_ce(self, tokens: int, compute: str) -> float:
+        """The original model's cross-entropy on the held-out sequences of a ``tokens`` budget, computed
+        under the same autocast as healing's held-out evaluations (their reference point)."""
+        import torch
+        import torch.nn.functional as F
+
+        from lowrank.healing import split_tokens
+        from lowrank.pipeline import calibration_tokens
+
+        config = self.heal_config(tokens)
+        _, heldout = split_tokens(calibration_tokens(config.calibration, self.tokenizer), config)
+        total = 0.0
+        amp = None if compute == "float32" else getattr(torch, compute)
+        for chunk in heldout.split(config.batch_size):
+            with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                logits = self.model(chunk, use_cache=False).logits
+            ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), chunk[:, 1:].flatten())
+            total += float(ce) * len(chunk)
+        return total / len(heldout)
+
+    def healed(self, index: int, tokens: int, learning_rate: float, trainable: str) -> dict[str, Any]:
+        from lowrank.healing import heal
         from lowrank.pipeline import calibration_tokens
 
         compressed, _ = self.compressed(index)
-        config = HealConfig(
-            teacher=self.args.model,
-            tokens=tokens,
-            calibration={"seq_len": self.args.calib_seq_len},
-            **_heal_overrides(self.args),
-            **({} if learning_rate is None else {"learning_rate": learning_rate}),
-        )
+        config = self.heal_config(tokens, learning_rate, trainable)
         ids = calibration_tokens(config.calibration, self.tokenizer)
         student = copy.deepcopy(compressed)
         start = time.perf_counter()
@@ -158,18 +197,19 @@ class _Run:
         wall = round(time.perf_counter() - start, 1)
         return {
             "tokens": tokens,
-            "learning_rate": config.learning_rate,
+            "learning_rate": learning_rate,
             "heal_seconds": wall,
             "details": details,
             **self.measure(student),
         }
 
 
-def _key(tokens: int, learning_rate: float | None) -> str:
-    from lowrank.methods import HealConfig
-
-    lr = HealConfig.__dataclass_fields__["learning_rate"].default if learning_rate is None else learning_rate
-    return f"{tokens}@lr={lr:g}"
+def _key(tokens: int, learning_rate: float, compute_dtype: str, trainable: str) -> str:
+    return (
+        f"{tokens}@lr={learning_rate:g}"
+        + ("" if compute_dtype == "float32" else f"@{compute_dtype}")
+        + ("" if trainable == "replaced" else f"@{trainable}")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,17 +241,32 @@ def main(argv: list[str] | None = None) -> int:
             if "compressed" not in entry:
                 entry["compressed"] = run.compressed(index)[1]
                 write_json(partial, state)
-        for tokens in sorted(args.tokens):
-            for index in indices:
-                for lr in args.learning_rates or [None]:
-                    entry = state["configs"][CONFIGS[index][0]]
-                    if _key(tokens, lr) in entry["healed"]:
-                        continue
-                    print(
-                        f"healing {CONFIGS[index][0]} with {tokens:,} tokens (lr {lr or 'default'})",
-                        flush=True,
-                    )
-                    entry["healed"][_key(tokens, lr)] = run.healed(index, tokens, lr)
+        from lowrank.dtypes import dtype_name
+        from lowrank.healing import autocast_dtype, default_learning_rate
+
+        amp = autocast_dtype(args.precision, "cpu")
+        compute = "float32" if amp is None else dtype_name(amp)
+        runs = [
+            (tokens, index, trainable)
+            for tokens in sorted(args.tokens)
+            for index in indices
+            for trainable in args.trainable
+        ]
+        for tokens, index, trainable in runs:
+            default = default_learning_rate(run.compressed(index)[0], trainable)
+            for lr in args.learning_rates or [default]:
+                entry = state["configs"][CONFIGS[index][0]]
+                if (key := _key(tokens, lr, compute, trainable)) in entry["healed"]:
+                    continue
+                print(f"healing {CONFIGS[index][0]}: {tokens:,} tokens, {key}", flush=True)
+                entry["healed"][key] = run.healed(index, tokens, lr, trainable)
+                write_json(partial, state)
+        references = state["original"].setdefault("heldout_ce", {})
+        for entry in state["configs"].values():  # the reference of every run, earlier ones included
+            for h in entry["healed"].values():
+                ref = f"{h['tokens']}@{h['details'].get('compute_dtype', 'float32')}"
+                if ref not in references:
+                    references[ref] = run.heldout_ce(h["tokens"], ref.split("@")[1])
                     write_json(partial, state)
         record_run(state, args, started)
         write_json(partial, state)

@@ -13,9 +13,26 @@ from conftest import make_tiny_model, random_tokens
 
 import lowrank.healing as heal_module
 from lowrank.cli import main
-from lowrank.healing import distillation_loss, heal, trainable_parameters
+from lowrank.healing import (
+    CODEC_LEARNING_RATE,
+    LEARNING_RATE,
+    autocast_dtype,
+    default_learning_rate,
+    distillation_loss,
+    fast_bfloat16,
+    heal,
+    trainable_parameters,
+)
 from lowrank.kv_cache import kv_bytes_per_token
-from lowrank.methods import HealConfig, MLAConfig, SVDLLMConfig, applied_methods, compress, count_parameters
+from lowrank.methods import (
+    HealConfig,
+    KVProjectionConfig,
+    MLAConfig,
+    SVDLLMConfig,
+    applied_methods,
+    compress,
+    count_parameters,
+)
 from lowrank.serialization import load_compressed, read_manifest, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +51,7 @@ def _config(**overrides) -> HealConfig:
         patience=10,
         kd_weight=1.0,
         learning_rate=3e-4,
+        precision="float32",
         calibration={"seq_len": SEQ_LEN},
     )
     return HealConfig(**{**settings, **overrides})
@@ -81,6 +99,42 @@ def test_healing_lowers_training_and_heldout_loss(pair):
     assert [e["step"] for e in curve] == [0, *range(config.eval_every, 6, config.eval_every), 6]
     assert curve[0]["loss"] == details["heldout_loss_before"]
     assert min(e["loss"] for e in curve) == details["heldout_loss_after"]
+
+
+def test_bfloat16_autocast_heals_while_parameters_stay_float32(pair):
+    teacher, student = pair
+    ids = _ids()
+    before = _kl(student, teacher, ids[-8:])
+    float32 = heal(copy.deepcopy(student), teacher, ids, _config(), progress=False)
+    details = heal(student, teacher, ids, _config(precision="bfloat16"), progress=False)
+    assert details["compute_dtype"] == "bfloat16" and float32["compute_dtype"] == "float32"
+    assert details["heldout_loss_after"] < details["heldout_loss_before"]
+    # the held-out loss is measured under bfloat16 too: close to, but not exactly, the float32 one
+    assert details["heldout_loss_before"] == pytest.approx(float32["heldout_loss_before"], rel=0.05)
+    assert details["heldout_loss_before"] != float32["heldout_loss_before"]
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert _kl(student, teacher, ids[-8:]) < before  # and in float32 compute the student is closer too
+
+
+def test_the_default_learning_rate_follows_what_trains():
+    teacher = make_tiny_model("llama")
+    kv = _compressed(teacher, KVProjectionConfig(**KVProjectionConfig.example))
+    mla = _compressed(teacher, MLAConfig(**MLAConfig.example))
+    both = _compressed(kv, SVDLLMConfig(ratio=0.5))
+    assert default_learning_rate(kv) == CODEC_LEARNING_RATE < LEARNING_RATE
+    assert default_learning_rate(kv, "all") == LEARNING_RATE
+    assert default_learning_rate(mla) == default_learning_rate(both) == LEARNING_RATE
+    details = heal(kv, teacher, _ids(), _config(learning_rate=None, tokens=4 * SEQ_LEN), progress=False)
+    assert details["learning_rate"] == CODEC_LEARNING_RATE
+
+
+def test_auto_precision_follows_the_device():
+    assert autocast_dtype("float32", "cpu") is None
+    assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if fast_bfloat16("cpu") else None)
+    assert autocast_dtype("auto", "meta") is None
+    with pytest.raises(ValueError, match="got 'fp8'"):
+        autocast_dtype("fp8", "cpu")
 
 
 @pytest.mark.parametrize("method", [SVDLLMConfig(ratio=0.5), MLAConfig(**MLAConfig.example)])
@@ -154,6 +208,7 @@ def test_early_stopping_keeps_the_best_heldout_state(pair):
         ({"kd_weight": 1.5}, "got 1.5"),
         ({"temperature": 0}, "got 0"),
         ({"trainable": "norms"}, "got 'norms'"),
+        ({"precision": "float16"}, "got 'float16'"),
         ({"teacher": ""}, "got ''"),
         ({"calibration": {"samples": 7, "seq_len": SEQ_LEN}}, "samples=7"),
     ],

@@ -6,8 +6,11 @@ memory does not grow with the number of tokens):
 
     L = w · T² · KL(softmax(z_teacher / T) ‖ softmax(z_student / T)) + (1 − w) · CE(z_student, next token)
 
-AdamW (no weight decay) with linear warmup and cosine decay; held-out loss every ``eval_every`` steps on
-sequences kept out of training; the best held-out state is restored at the end and training stops after
+The forward and backward passes run under bfloat16 autocast where the device multiplies bfloat16 fast
+(``precision='auto'``; the parameters and the optimizer state stay in their own dtype) and in float32
+otherwise. AdamW (no weight decay) with linear warmup and cosine decay, the peak chosen by what trains
+(:func:`default_learning_rate`) unless given; held-out loss every ``eval_every`` steps on sequences kept
+out of training; the best held-out state is restored at the end and training stops after
 ``patience`` evaluations without improvement. Progress (parameters, optimizer, step, best state, history)
 is checkpointed atomically and an interrupted run resumes to the same result as an uninterrupted one.
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank.dtypes import dtype_name
 from lowrank.io import atomic_path
 from lowrank.layerwise import fingerprint
 from lowrank.nn.registry import describe_replacement
@@ -37,15 +41,33 @@ from lowrank.nn.registry import describe_replacement
 if TYPE_CHECKING:
     from lowrank.methods.heal import HealConfig
 
-__all__ = ["heal", "trainable_parameters", "distillation_loss", "split_tokens", "TRAINABLE"]
+__all__ = [
+    "heal",
+    "trainable_parameters",
+    "distillation_loss",
+    "split_tokens",
+    "autocast_dtype",
+    "fast_bfloat16",
+    "default_learning_rate",
+    "TRAINABLE",
+    "PRECISIONS",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE = ("replaced", "all")
+PRECISIONS = ("auto", "float32", "bfloat16")
 WARMUP_FRACTION = 0.05
 """Share of the steps spent warming the learning rate up linearly from zero."""
 FINAL_LR_FRACTION = 0.1
 """The cosine decay ends at this fraction of the peak learning rate."""
+LEARNING_RATE = 1e-4
+"""Peak learning rate when low-rank factors (or everything) train: the best of those measured on the
+built-in model (3e-4 diverges on svd-llm-v2 factors; benchmarks/results/heal_cpu.md)."""
+CODEC_LEARNING_RATE = 1e-5
+"""Peak learning rate when only ``kv-projection`` codecs train: they start at a closed-form optimum that
+1e-4 knocks them off for good, while 1e-5 wins back 0.58 of the lost wiki log-perplexity in 200k tokens
+(benchmarks/results/heal_cpu.md)."""
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
 _FORMAT = 1
@@ -71,6 +93,21 @@ def trainable_parameters(model: nn.Module, trainable: str = "replaced") -> dict[
             source = module.kv if isinstance(module, ProjectedAttention) else module
             owned.update(id(p) for p in source.parameters())
     return {name: p for name, p in model.named_parameters() if id(p) in owned}
+
+
+def default_learning_rate(model: nn.Module, trainable: str = "replaced") -> float:
+    """The peak learning rate a healing run uses when none is given: :data:`CODEC_LEARNING_RATE` when
+    only ``kv-projection`` codecs train, :data:`LEARNING_RATE` otherwise (see both for the measurements)."""
+    from lowrank.kv_attention import ProjectedAttention
+    from lowrank.nn import KVProjection
+
+    if trainable != "replaced":
+        return LEARNING_RATE
+    replaced = [m for m in model.modules() if describe_replacement(m) is not None]
+    codecs_only = bool(replaced) and all(
+        isinstance(m, ProjectedAttention) and isinstance(m.kv, KVProjection) for m in replaced
+    )
+    return CODEC_LEARNING_RATE if codecs_only else LEARNING_RATE
 
 
 def distillation_loss(
@@ -103,21 +140,44 @@ def distillation_loss(
     return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
 
 
-def _batch_loss(model, teacher, ids, config: HealConfig):
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of a healing run (None: plain float32 compute) for ``precision`` on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and fast_bfloat16(device)):
+        return torch.bfloat16
+    return None
+
+
+def _batch_loss(model, teacher, ids, config: HealConfig, amp: torch.dtype | None):
     teacher_logits = None
-    if config.kd_weight > 0:
-        with torch.no_grad():
-            teacher_logits = teacher(ids, use_cache=False).logits
-    logits = model(ids, use_cache=False).logits
+    with torch.autocast(ids.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        if config.kd_weight > 0:
+            with torch.no_grad():
+                teacher_logits = teacher(ids, use_cache=False).logits
+        logits = model(ids, use_cache=False).logits
     return distillation_loss(
         logits, teacher_logits, ids, temperature=config.temperature, kd_weight=config.kd_weight
     )
 
 
-def _train_step(model, teacher, ids, optimizer, params: list[nn.Parameter], config: HealConfig) -> float:
+def _train_step(
+    model, teacher, ids, optimizer, params: list[nn.Parameter], config: HealConfig, amp: torch.dtype | None
+) -> float:
     """One optimizer step on the batch ``ids``; returns its loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss, _, _ = _batch_loss(model, teacher, ids, config)
+    loss, _, _ = _batch_loss(model, teacher, ids, config, amp)
     if not torch.isfinite(loss):
         raise ValueError(f"healing diverged (loss {float(loss)}); lower the learning rate")
     loss.backward()
@@ -127,11 +187,11 @@ def _train_step(model, teacher, ids, optimizer, params: list[nn.Parameter], conf
 
 
 @torch.no_grad()
-def _evaluate(model, teacher, ids: torch.Tensor, config: HealConfig) -> dict[str, float]:
+def _evaluate(model, teacher, ids: torch.Tensor, config: HealConfig, amp) -> dict[str, float]:
     """Mean held-out loss, KL and cross-entropy over ``ids`` (batches of ``batch_size``)."""
     totals = torch.zeros(3, dtype=torch.float64)
     for chunk in ids.split(config.batch_size):
-        parts = _batch_loss(model, teacher, chunk, config)
+        parts = _batch_loss(model, teacher, chunk, config, amp)
         totals += torch.tensor([float(p) for p in parts], dtype=torch.float64) * len(chunk)
     loss, kl, ce = (totals / len(ids)).tolist()
     return {"heldout_loss": loss, "heldout_kl": kl, "heldout_ce": ce}
@@ -285,6 +345,8 @@ def heal(
             heldout_ids.to(device),
             params,
             config,
+            autocast_dtype(config.precision, device),
+            config.learning_rate or default_learning_rate(model, config.trainable),
             checkpoint_dir,
             progress,
         )
@@ -294,36 +356,42 @@ def heal(
         model.to(home)
 
 
-def _fit(model, teacher, train_ids, heldout_ids, params, config: HealConfig, checkpoint_dir, progress):
+def _fit(
+    model, teacher, train_ids, heldout_ids, params, config: HealConfig, amp, lr, checkpoint_dir, progress
+):
     start = time.perf_counter()
     key = fingerprint(
         {k: v for k, v in config.to_dict().items() if k != "checkpoint_minutes"},
+        str(amp),
+        lr,
         train_ids,
         heldout_ids,
         *params.values(),
     )
     ckpt = _Checkpoint(checkpoint_dir, key)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     best = {n: p.detach().clone() for n, p in params.items()}
     order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
     batches = order.split(config.batch_size)
     state = ckpt.load(params, optimizer, best) or _Progress()
     resumed_at = state.step
     if not state.evals:
-        _track(state, model, teacher, heldout_ids, params, best, config)
+        _track(state, model, teacher, heldout_ids, params, best, config, amp)
     saved = time.monotonic()
     bar = tqdm(total=len(batches), initial=state.step, desc="heal", unit="step", disable=not progress)
     try:
         while state.step < len(batches) and not state.stopped:
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(state.step, len(batches), config.learning_rate)
+                group["lr"] = _lr_at(state.step, len(batches), lr)
             ids = train_ids[batches[state.step].to(train_ids.device)]
-            state.losses.append(_train_step(model, teacher, ids, optimizer, list(params.values()), config))
+            state.losses.append(
+                _train_step(model, teacher, ids, optimizer, list(params.values()), config, amp)
+            )
             state.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{sum(state.losses[-10:]) / len(state.losses[-10:]):.4f}")
             if state.step % config.eval_every == 0 or state.step == len(batches):
-                _track(state, model, teacher, heldout_ids, params, best, config)
+                _track(state, model, teacher, heldout_ids, params, best, config, amp)
             if time.monotonic() - saved >= 60 * config.checkpoint_minutes:
                 ckpt.save(params, optimizer, best, _elapsed(state, start))
                 saved = time.monotonic()
@@ -335,16 +403,16 @@ def _fit(model, teacher, train_ids, heldout_ids, params, config: HealConfig, che
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(best[name])
-    return _details(state, config, train_ids, params, last, resumed_at)
+    return _details(state, config, train_ids, params, last, resumed_at, amp, lr)
 
 
 def _elapsed(state: _Progress, start: float) -> _Progress:
     return dataclasses.replace(state, elapsed_s=state.elapsed_s + time.perf_counter() - start)
 
 
-def _track(state: _Progress, model, teacher, heldout_ids, params, best, config: HealConfig) -> None:
+def _track(state: _Progress, model, teacher, heldout_ids, params, best, config: HealConfig, amp) -> None:
     """Evaluate on the held-out sequences; keep the best state; stop after ``patience`` misses."""
-    record = {"step": state.step, **_evaluate(model, teacher, heldout_ids, config)}
+    record = {"step": state.step, **_evaluate(model, teacher, heldout_ids, config, amp)}
     state.evals.append(record)
     if record["heldout_loss"] < state.best_loss:
         state.best_loss, state.bad_evals = record["heldout_loss"], 0
@@ -357,13 +425,15 @@ def _track(state: _Progress, model, teacher, heldout_ids, params, best, config: 
             logger.info("held-out loss has not improved for %d evaluations: stopping", config.patience)
 
 
-def _details(state: _Progress, config, train_ids, params, last: float, resumed_at: int) -> dict[str, Any]:
+def _details(state: _Progress, config, train_ids, params, last, resumed_at, amp, lr) -> dict[str, Any]:
     first = state.evals[0]
     best = min(state.evals, key=lambda e: e["heldout_loss"])
     stride = max(1, math.ceil(len(state.losses) / 20))
     return {
         "teacher": config.teacher,
         "trainable": config.trainable,
+        "compute_dtype": "float32" if amp is None else dtype_name(amp),
+        "learning_rate": lr,
         "trainable_parameters": sum(p.numel() for p in params.values()),
         "steps": state.step,
         "steps_planned": math.ceil(len(train_ids) / config.batch_size),

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.healing import TRAINABLE, heal, split_tokens, trainable_parameters
+from lowrank.healing import PRECISIONS, TRAINABLE, heal, split_tokens, trainable_parameters
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn.registry import describe_replacement
 from lowrank.pipeline import CalibrationConfig, RunContext
@@ -61,14 +61,21 @@ class HealConfig(MethodConfig):
     teacher: str | None = None
     """Model whose logits the compressed model learns (built-in name, directory or hub id; the model it was
     compressed from), or ``self``: a frozen copy of the model as it was before this step."""
-    tokens: int = 50_000
-    """Training tokens: ceil(tokens / seq_len) calibration sequences, each seen once."""
-    learning_rate: float = 1e-4
-    """Peak AdamW learning rate (linear warmup over 5 % of the steps, cosine decay to 10 % of it)."""
+    tokens: int = 200_000
+    """Training tokens: ceil(tokens / seq_len) calibration sequences, each seen once. 200k is the smallest
+    budget measured that wins back half the lost wiki log-perplexity (benchmarks/results/heal_cpu.md)."""
+    learning_rate: float | None = None
+    """Peak AdamW learning rate (linear warmup over 5 % of the steps, cosine decay to 10 % of it); unset:
+    1e-5 when only ``kv-projection`` codecs train, 1e-4 otherwise (``lowrank.healing.default_learning_rate``,
+    chosen by measurement)."""
     batch_size: int = 4
     """Sequences per optimizer step."""
     trainable: str = field(default="replaced", metadata={"choices": TRAINABLE})
     """``replaced``: only what compression replaced (low-rank factors, KV codecs); ``all``: every weight."""
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    """Compute of the forward and backward passes: ``bfloat16`` autocast or ``float32``; ``auto``: bfloat16
+    where the device multiplies it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else float32.
+    Parameters and optimizer state keep the model's dtype either way."""
     temperature: float = 1.0
     """Distillation temperature T (the KL term is scaled by T²)."""
     kd_weight: float = 0.9
@@ -100,7 +107,9 @@ class HealConfig(MethodConfig):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}")
-        if not _number(self.learning_rate) or not 0.0 < self.learning_rate <= 1.0:
+        if self.learning_rate is not None and (
+            not _number(self.learning_rate) or not 0.0 < self.learning_rate <= 1.0
+        ):
             raise ValueError(f"learning_rate must be in (0, 1]; got {self.learning_rate!r}")
         if not _number(self.temperature) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
@@ -108,6 +117,8 @@ class HealConfig(MethodConfig):
             raise ValueError(f"kd_weight must be in [0, 1]; got {self.kd_weight!r}")
         if not _number(self.checkpoint_minutes) or not self.checkpoint_minutes >= 0:
             raise ValueError(f"checkpoint_minutes must be >= 0; got {self.checkpoint_minutes!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}; got {self.trainable!r}")
         samples = self.training_sequences(self.calibration.seq_len) + self.heldout_sequences
