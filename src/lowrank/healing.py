@@ -62,8 +62,9 @@ WARMUP_FRACTION = 0.05
 FINAL_LR_FRACTION = 0.1
 """The cosine decay ends at this fraction of the peak learning rate."""
 LEARNING_RATE = 1e-4
-"""Peak learning rate when low-rank factors (or everything) train: the best of those measured on the
-built-in model (3e-4 diverges on svd-llm-v2 factors; benchmarks/results/heal_cpu.md)."""
+"""Peak learning rate when low-rank factors, MLA codecs (or everything) train: the best of those measured
+on the built-in model (3e-4 diverges on svd-llm-v2 factors; the MLA codec barely moves at 1e-5;
+benchmarks/results/heal_cpu.md)."""
 CODEC_LEARNING_RATE = 1e-5
 """Peak learning rate when only ``kv-projection`` codecs train: they start at a closed-form optimum that
 1e-4 knocks them off for good, while 1e-5 wins back 0.58 of the lost wiki log-perplexity in 200k tokens
