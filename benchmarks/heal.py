@@ -168,19 +168,18 @@ class _Run:
         """The original model's cross-entropy on the held-out sequences of a ``tokens`` budget, computed
         under the same autocast as healing's held-out evaluations (their reference point)."""
         import torch
-        import torch.nn.functional as F
 
-        from lowrank.healing import split_tokens
+        from lowrank.healing import autocast_dtype, distillation_loss, split_tokens
         from lowrank.pipeline import calibration_tokens
 
         config = self.heal_config(tokens)
         _, heldout = split_tokens(calibration_tokens(config.calibration, self.tokenizer), config)
         total = 0.0
-        amp = None if compute == "float32" else getattr(torch, compute)
+        amp = autocast_dtype(compute, "cpu")
         for chunk in heldout.split(config.batch_size):
             with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
                 logits = self.model(chunk, use_cache=False).logits
-            ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), chunk[:, 1:].flatten())
+            _, _, ce = distillation_loss(logits, None, chunk, temperature=1.0, kd_weight=0.0)
             total += float(ce) * len(chunk)
         return total / len(heldout)
 
