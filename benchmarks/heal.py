@@ -84,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trainable",
         nargs="+",
-        default=["replaced"],
-        choices=("replaced", "all"),
-        help="what trains, each compared (HealConfig.trainable; default replaced)",
+        default=["auto"],
+        choices=("auto", "replaced", "attention", "all"),
+        help="what trains, each compared (HealConfig.trainable; default auto, recorded as what it means)",
     )
     p.add_argument(
         "--precision",
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["compressed"] = run.compressed(index)[1]
                 write_json(partial, state)
         from lowrank.dtypes import dtype_name
-        from lowrank.healing import autocast_dtype, default_learning_rate
+        from lowrank.healing import autocast_dtype, default_learning_rate, resolve_trainable
 
         amp = autocast_dtype(args.precision, "cpu")
         compute = "float32" if amp is None else dtype_name(amp)
@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             (tokens, index, trainable)
             for tokens in sorted(args.tokens)
             for index in indices
-            for trainable in args.trainable
+            for trainable in dict.fromkeys(
+                resolve_trainable(run.compressed(index)[0], t) for t in args.trainable
+            )
         ]
         for tokens, index, trainable in runs:
             default = default_learning_rate(run.compressed(index)[0], trainable)

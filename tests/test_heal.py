@@ -14,6 +14,7 @@ from conftest import make_tiny_model, random_tokens
 import lowrank.healing as heal_module
 from lowrank.cli import main
 from lowrank.healing import (
+    ATTENTION_LEARNING_RATE,
     CODEC_LEARNING_RATE,
     LEARNING_RATE,
     autocast_dtype,
@@ -21,6 +22,7 @@ from lowrank.healing import (
     distillation_loss,
     fast_bfloat16,
     heal,
+    resolve_trainable,
     trainable_parameters,
 )
 from lowrank.kv_cache import kv_bytes_per_token
@@ -121,11 +123,28 @@ def test_the_default_learning_rate_follows_what_trains():
     kv = _compressed(teacher, KVProjectionConfig(**KVProjectionConfig.example))
     mla = _compressed(teacher, MLAConfig(**MLAConfig.example))
     both = _compressed(kv, SVDLLMConfig(ratio=0.5))
-    assert default_learning_rate(kv) == CODEC_LEARNING_RATE < LEARNING_RATE
-    assert default_learning_rate(kv, "all") == LEARNING_RATE
-    assert default_learning_rate(mla) == default_learning_rate(both) == LEARNING_RATE
+    assert default_learning_rate(kv) == CODEC_LEARNING_RATE < LEARNING_RATE < ATTENTION_LEARNING_RATE
+    assert default_learning_rate(kv, "all") == default_learning_rate(mla, "replaced") == LEARNING_RATE
+    assert default_learning_rate(mla) == default_learning_rate(kv, "attention") == ATTENTION_LEARNING_RATE
+    assert default_learning_rate(both) == default_learning_rate(both, "attention") == LEARNING_RATE
     details = heal(kv, teacher, _ids(), _config(learning_rate=None, tokens=4 * SEQ_LEN), progress=False)
     assert details["learning_rate"] == CODEC_LEARNING_RATE
+
+
+def test_auto_trains_the_converted_attention_only_after_partial_rope():
+    teacher = make_tiny_model("llama")
+    kv = _compressed(teacher, KVProjectionConfig(**KVProjectionConfig.example))
+    mla = _compressed(teacher, MLAConfig(**MLAConfig.example))
+    svd = _compressed(teacher)
+    assert [resolve_trainable(m) for m in (kv, mla, svd)] == ["replaced", "attention", "replaced"]
+    assert resolve_trainable(mla, "replaced") == "replaced" and resolve_trainable(kv, "all") == "all"
+    assert trainable_parameters(mla).keys() == trainable_parameters(mla, "attention").keys()
+    assert trainable_parameters(kv).keys() == trainable_parameters(kv, "replaced").keys()
+    details = heal(mla, teacher, _ids(), _config(trainable="auto", tokens=4 * SEQ_LEN), progress=False)
+    assert details["trainable"] == "attention"
+    assert details["trainable_parameters"] == sum(p.numel() for p in trainable_parameters(mla).values())
+    with pytest.raises(ValueError, match="got 'norms'"):
+        resolve_trainable(mla, "norms")
 
 
 def test_auto_precision_follows_the_device():
@@ -137,16 +156,32 @@ def test_auto_precision_follows_the_device():
         autocast_dtype("fp8", "cpu")
 
 
-@pytest.mark.parametrize("method", [SVDLLMConfig(ratio=0.5), MLAConfig(**MLAConfig.example)])
-def test_only_replaced_parameters_change_and_the_structure_is_kept(method):
+@pytest.mark.parametrize(
+    ("method", "trainable"),
+    [
+        (SVDLLMConfig(ratio=0.5), "replaced"),
+        (MLAConfig(**MLAConfig.example), "replaced"),
+        (MLAConfig(**MLAConfig.example), "attention"),
+    ],
+)
+def test_only_replaced_parameters_change_and_the_structure_is_kept(method, trainable):
     teacher = make_tiny_model("llama")
     student = _compressed(teacher, method)
-    trained = set(trainable_parameters(student))
-    if isinstance(method, MLAConfig):  # the codec trains; the q/k/v/o weights it shares stay as they were
-        assert trained and all(".self_attn.kv." in name for name in trained)
+    trained = set(trainable_parameters(student, trainable))
+    if isinstance(method, MLAConfig):
+        layers = teacher.config.num_hidden_layers
+        codecs = {name for name in trained if ".self_attn.kv." in name}
+        assert len(codecs) == layers  # the codec trains (one latent per layer) ...
+        if trainable == "replaced":  # ... and the q/k/v/o weights it shares stay as they were
+            assert trained == codecs
+        else:  # ... and so do the converted layers' q/k/v/o, nothing outside attention
+            projections = {
+                f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(layers) for p in "qkvo"
+            }
+            assert projections <= trained and all(".self_attn." in name for name in trained)
     state = {k: v.clone() for k, v in student.state_dict().items()}
     ranks, size, kv = _ranks(student), count_parameters(student), kv_bytes_per_token(student)
-    heal(student, teacher, _ids(), _config(), progress=False)
+    heal(student, teacher, _ids(), _config(trainable=trainable), progress=False)
     after = student.state_dict()
     for name, value in state.items():
         if name not in trained:

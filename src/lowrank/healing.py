@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "heal",
     "trainable_parameters",
+    "resolve_trainable",
     "distillation_loss",
     "split_tokens",
     "autocast_dtype",
@@ -55,16 +56,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAINABLE = ("replaced", "all")
+TRAINABLE = ("auto", "replaced", "attention", "all")
 PRECISIONS = ("auto", "float32", "bfloat16")
 WARMUP_FRACTION = 0.05
 """Share of the steps spent warming the learning rate up linearly from zero."""
 FINAL_LR_FRACTION = 0.1
 """The cosine decay ends at this fraction of the peak learning rate."""
 LEARNING_RATE = 1e-4
-"""Peak learning rate when low-rank factors, MLA codecs (or everything) train: the best of those measured
-on the built-in model (3e-4 diverges on svd-llm-v2 factors; the MLA codec barely moves at 1e-5;
+"""Peak learning rate when low-rank factors, MLA codecs alone (or everything) train: the best of those
+measured on the built-in model (3e-4 diverges on svd-llm-v2 factors; the MLA codec barely moves at 1e-5;
 benchmarks/results/heal_cpu.md)."""
+ATTENTION_LEARNING_RATE = 3e-4
+"""Peak learning rate when the converted attention's q/k/v/o train (``trainable='attention'``, the ``auto``
+choice after an MLA conversion): at the seed's MLA setting and 200k tokens it wins back 0.52 of the lost
+wiki log-perplexity against 0.42 at 1e-4 (benchmarks/results/heal_cpu.md)."""
 CODEC_LEARNING_RATE = 1e-5
 """Peak learning rate when only ``kv-projection`` codecs train: they start at a closed-form optimum that
 1e-4 knocks them off for good, while 1e-5 wins back 0.58 of the lost wiki log-perplexity in 200k tokens
@@ -75,15 +80,39 @@ _FORMAT = 1
 _CHECKPOINT = "heal_state.pt"
 
 
-def trainable_parameters(model: nn.Module, trainable: str = "replaced") -> dict[str, nn.Parameter]:
+def resolve_trainable(model: nn.Module, trainable: str = "auto") -> str:
+    """What ``trainable='auto'`` means for ``model``: ``attention`` when an attention was converted to
+    partial RoPE (an MLA ``LatentKV`` codec), ``replaced`` otherwise; any other value is returned as is.
+
+    Measured on the built-in model at the seed's MLA setting (benchmarks/results/heal_cpu.md): with its
+    q/k/v/o training too, 200k tokens win back 0.52 of the lost wiki log-perplexity (0.42 at lr 1e-4);
+    the codec alone won back 0.19 in 50k tokens, when the q/k/v/o run had cut the held-out cross-entropy
+    by 0.87 nats after 20 steps against the codec's 0.51 after 25.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
+    if trainable != "auto":
+        return trainable
+    from lowrank.kv_attention import ProjectedAttention
+    from lowrank.nn import LatentKV
+
+    partial_rope = any(
+        isinstance(m, ProjectedAttention) and isinstance(m.kv, LatentKV) for m in model.modules()
+    )
+    return "attention" if partial_rope else "replaced"
+
+
+def trainable_parameters(model: nn.Module, trainable: str = "auto") -> dict[str, nn.Parameter]:
     """``{name: parameter}`` that healing trains (tied parameters once, under their first name).
 
     ``replaced``: the parameters of every registered replacement module, except that a converted
     attention (``ProjectedAttention``) contributes its codec ``kv`` only, not the q/k/v/o modules it
     shares with the original attention (those train when they are themselves low-rank replacements).
+    ``attention``: ``replaced`` plus every projection of each converted attention (its q/k/v/o), which
+    partial RoPE needs: the queries and keys of the dimensions that lost their rotation must relearn what
+    to match. ``all``: every parameter. ``auto``: see :func:`resolve_trainable`.
     """
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
+    trainable = resolve_trainable(model, trainable)
     if trainable == "all":
         return dict(model.named_parameters())
     from lowrank.kv_attention import ProjectedAttention
@@ -91,24 +120,27 @@ def trainable_parameters(model: nn.Module, trainable: str = "replaced") -> dict[
     owned: set[int] = set()
     for module in model.modules():
         if describe_replacement(module) is not None:
-            source = module.kv if isinstance(module, ProjectedAttention) else module
-            owned.update(id(p) for p in source.parameters())
+            whole = trainable == "attention" or not isinstance(module, ProjectedAttention)
+            owned.update(id(p) for p in (module if whole else module.kv).parameters())
     return {name: p for name, p in model.named_parameters() if id(p) in owned}
 
 
-def default_learning_rate(model: nn.Module, trainable: str = "replaced") -> float:
-    """The peak learning rate a healing run uses when none is given: :data:`CODEC_LEARNING_RATE` when
-    only ``kv-projection`` codecs train, :data:`LEARNING_RATE` otherwise (see both for the measurements)."""
+def default_learning_rate(model: nn.Module, trainable: str = "auto") -> float:
+    """The peak learning rate a healing run uses when none is given, by what trains (see each constant for
+    its measurements): with converted attention only (no low-rank factors, which 3e-4 blows up),
+    :data:`CODEC_LEARNING_RATE` when only ``kv-projection`` codecs train and
+    :data:`ATTENTION_LEARNING_RATE` when the converted attention trains whole; :data:`LEARNING_RATE` in
+    every other case."""
     from lowrank.kv_attention import ProjectedAttention
     from lowrank.nn import KVProjection
 
-    if trainable != "replaced":
-        return LEARNING_RATE
+    trainable = resolve_trainable(model, trainable)
     replaced = [m for m in model.modules() if describe_replacement(m) is not None]
-    codecs_only = bool(replaced) and all(
-        isinstance(m, ProjectedAttention) and isinstance(m.kv, KVProjection) for m in replaced
-    )
-    return CODEC_LEARNING_RATE if codecs_only else LEARNING_RATE
+    if trainable == "all" or not replaced or not all(isinstance(m, ProjectedAttention) for m in replaced):
+        return LEARNING_RATE
+    if trainable == "attention":
+        return ATTENTION_LEARNING_RATE
+    return CODEC_LEARNING_RATE if all(isinstance(m.kv, KVProjection) for m in replaced) else LEARNING_RATE
 
 
 def distillation_loss(
@@ -327,6 +359,7 @@ def heal(
             f"teacher and student vocabularies differ ({_vocab(teacher)} vs {_vocab(model)} tokens); "
             "heal against the model the student was compressed from"
         )
+    config = dataclasses.replace(config, trainable=resolve_trainable(model, config.trainable))
     params = trainable_parameters(model, config.trainable)
     if not params:
         raise ValueError("nothing to train: the model has no compressed modules; use trainable='all'")
@@ -390,9 +423,12 @@ def _fit(
             )
             state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(state.losses[-10:]) / len(state.losses[-10:]):.4f}")
             if state.step % config.eval_every == 0 or state.step == len(batches):
                 _track(state, model, teacher, heldout_ids, params, best, config, amp)
+            bar.set_postfix(
+                loss=f"{sum(state.losses[-10:]) / len(state.losses[-10:]):.4f}",
+                heldout=f"{state.evals[-1]['heldout_loss']:.4f}",
+            )
             if time.monotonic() - saved >= 60 * config.checkpoint_minutes:
                 ckpt.save(params, optimizer, best, _elapsed(state, start))
                 saved = time.monotonic()

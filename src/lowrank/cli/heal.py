@@ -21,9 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune a compressed model against the original's logits (distillation) and save it",
         description=(
             "Win back what one-shot compression lost: train what compression replaced (low-rank factors, "
-            "KV codecs; --trainable all: every weight) to match the teacher's logits (KL at temperature T "
-            "plus a cross-entropy term) on calibration text, keeping the best held-out state. Ranks and "
-            "KV-cache bytes are unchanged. The same as 'lowrank compress --method heal'."
+            "KV codecs; --trainable attention: also the converted attention's q/k/v/o; all: every "
+            "weight) to match the teacher's logits (KL at temperature T plus a cross-entropy term) on "
+            "calibration text, keeping the best held-out state. Ranks and KV-cache bytes are unchanged. "
+            "The same as 'lowrank compress --method heal'."
         ),
     )
     add_model_arguments(p)

@@ -3,8 +3,9 @@
 The compressed model (the student) is trained against the logits of the original model (the teacher) on
 calibration text, which is disjoint from the evaluation split. Only what compression replaced trains by
 default: the factors of every ``LowRankLinear`` and the codec (``kv``: latent and rotary projections) of
-every converted attention, never the original q/k/v/o weights a ``ProjectedAttention`` shares. The
-structure never changes: ranks, parameter counts and KV-cache bytes are those of the compressed model.
+every converted attention, plus, after an MLA conversion only, the q/k/v/o projections of the converted
+attention, whose position-free dimensions must relearn what to match. The structure never changes:
+ranks, parameter counts and KV-cache bytes are those of the compressed model.
 
 The objective (KL distillation at temperature T plus cross-entropy), the schedule, held-out early stopping
 and the resumable checkpoints are in :mod:`lowrank.healing`; this module holds the config and the handler.
@@ -66,12 +67,15 @@ class HealConfig(MethodConfig):
     budget measured that wins back half the lost wiki log-perplexity (benchmarks/results/heal_cpu.md)."""
     learning_rate: float | None = None
     """Peak AdamW learning rate (linear warmup over 5 % of the steps, cosine decay to 10 % of it); unset:
-    1e-5 when only ``kv-projection`` codecs train, 1e-4 otherwise (``lowrank.healing.default_learning_rate``,
-    chosen by measurement)."""
+    1e-5 when only ``kv-projection`` codecs train, 3e-4 when converted attention trains whole, 1e-4
+    otherwise (``lowrank.healing.default_learning_rate``, chosen by measurement)."""
     batch_size: int = 4
     """Sequences per optimizer step."""
-    trainable: str = field(default="replaced", metadata={"choices": TRAINABLE})
-    """``replaced``: only what compression replaced (low-rank factors, KV codecs); ``all``: every weight."""
+    trainable: str = field(default="auto", metadata={"choices": TRAINABLE})
+    """``replaced``: only what compression replaced (low-rank factors, KV codecs); ``attention``: that plus
+    the q/k/v/o projections of every converted attention (what partial RoPE needs to relearn); ``all``:
+    every weight; ``auto``: ``attention`` for a model with MLA (partial-RoPE) attention, else ``replaced``
+    (``lowrank.healing.resolve_trainable``, chosen by measurement)."""
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Compute of the forward and backward passes: ``bfloat16`` autocast or ``float32``; ``auto``: bfloat16
     where the device multiplies it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else float32.
