@@ -19,14 +19,26 @@ def _compute(healed: dict[str, Any]) -> str:
     return healed["details"].get("compute_dtype", "float32")
 
 
+def _source(healed: dict[str, Any]) -> str:
+    return healed.get("source", "corpus")
+
+
+def reference_key(healed: dict[str, Any]) -> str:
+    """Key of the original's held-out cross-entropy that a run is measured against: its budget, compute
+    and, for text the original sampled, the source (other held-out sequences)."""
+    key = f"{healed['tokens']}@{_compute(healed)}"
+    return key if _source(healed) == "corpus" else f"{key}@{_source(healed)}"
+
+
 def _run_label(healed: dict[str, Any]) -> str:
-    """'lr 0.0001', 'lr 0.0001, bfloat16' or 'lr 1e-05, bfloat16, trains all': what tells apart the runs
-    of one configuration and budget."""
+    """'lr 0.0001', 'lr 0.0001, bfloat16' or 'lr 1e-05, bfloat16, trains all, teacher text': what tells
+    apart the runs of one configuration and budget."""
     compute, trainable = _compute(healed), healed["details"].get("trainable", "replaced")
     return (
         f"lr {healed['learning_rate']:g}"
         + ("" if compute == "float32" else f", {compute}")
         + ("" if trainable == "replaced" else f", trains {trainable}")
+        + ("" if _source(healed) == "corpus" else f", {_source(healed)} text")
     )
 
 
@@ -35,7 +47,7 @@ def _heldout(healed: dict[str, Any], references: dict[str, float], target: float
     first evaluation at which it reached ``target`` (tokens, seconds pro rata), against the original's
     cross-entropy on the same held-out sequences; empty without that reference."""
     d = healed["details"]
-    reference = references.get(f"{healed['tokens']}@{_compute(healed)}")
+    reference = references.get(reference_key(healed))
     curve = d.get("heldout_curve", [])
     lost = None if reference is None or not curve else curve[0]["ce"] - reference
     if lost is None or lost <= 0:
@@ -65,6 +77,7 @@ def rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
                     "learning_rate": healed["learning_rate"],
                     "compute_dtype": _compute(healed),
                     "trainable": d.get("trainable", "replaced"),
+                    "source": _source(healed),
                     "tokens_trained": d["tokens_trained"],
                     "steps": d["steps"],
                     "stopped_early": d["steps"] < d["steps_planned"],
@@ -109,8 +122,10 @@ def report(
         f"{s['calib_seq_len']} wiki calibration tokens. Healing: `HealConfig` defaults "
         "(lr = peak learning rate)"
         + (f" except {s['heal']}" if s["heal"] else "")
-        + f", on sequences of {s['calib_seq_len']} wiki calibration tokens (the test split is never trained "
-        "on; shakespeare is out of domain). Recovered = (ln ppl_compressed − ln ppl_healed) / "
+        + f", on sequences of {s['calib_seq_len']} tokens: wiki calibration text (the test split is never "
+        "trained on; shakespeare is out of domain), or, as healing text 'teacher-sampled', sequences the "
+        "original samples itself (`HealConfig.source='teacher'`, no corpus). Recovered = "
+        "(ln ppl_compressed − ln ppl_healed) / "
         "(ln ppl_compressed − ln ppl_original); held-out = the same on the held-out calibration sequences "
         "(never trained on, used for early stopping; evaluated every 10 steps under the run's compute, "
         "the original's cross-entropy on them measured the same way), where 'reached at' is the first "
@@ -118,17 +133,19 @@ def report(
         f"{target}. Ratios: svd-llm-v2 'removed' = share of the original parameters removed; KV % = cached "
         "K/V numbers kept per token and layer; R/d = cached dimensions kept per KV head.",
         "",
-        "| configuration | healing tokens | lr | compute | trains | steps | wiki ppl before → after "
+        "| configuration | healing text | healing tokens | lr | compute | trains | steps "
+        "| wiki ppl before → after "
         "| recovered | shakespeare ppl before → after | recovered | held-out recovered "
         "| held-out target reached at | heal s | target wiki / shakespeare | structure unchanged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         rec, before, after = r["recovered"], r["perplexity_compressed"], r["perplexity_healed"]
         met = " / ".join("PASS" if rec[c] is not None and rec[c] >= target else "FAIL" for c in CORPORA)
         tokens = f"{r['tokens_trained']:,}" + (" (stopped early)" if r["stopped_early"] else "")
         lines.append(
-            f"| {r['config']} | {tokens} | {r['learning_rate']:g} | {r['compute_dtype']} | "
+            f"| {r['config']} | {'wiki' if r['source'] == 'corpus' else 'teacher-sampled'} | {tokens} | "
+            f"{r['learning_rate']:g} | {r['compute_dtype']} | "
             f"{r['trainable']} | {r['steps']} | "
             f"{before['wiki']:.2f} → {after['wiki']:.2f} | {_f(rec['wiki'])} | "
             f"{before['shakespeare']:.2f} → {after['shakespeare']:.2f} | "

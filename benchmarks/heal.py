@@ -4,6 +4,7 @@
     python benchmarks/heal.py --tokens 50000 --configs 0 1     # a subset: budgets and configuration indices
     python benchmarks/heal.py --resume                         # continue an interrupted run
     python benchmarks/heal.py --report-only                    # rewrite the report from the partial file
+    python benchmarks/heal.py --configs 0 --tokens 50000 --source teacher   # on text the original samples
     python benchmarks/heal.py --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --heldout-sequences 2 --results-dir /tmp/heal_smoke  # smoke test
 
@@ -11,7 +12,8 @@ For every configuration (a compression method at one setting) the script compres
 model once, measures its perplexity, then for every token budget heals a copy of the compressed model
 against the original (``lowrank.healing.heal``, the teacher in memory, ``HealConfig`` defaults unless
 given) and measures it again, on the same wiki-test and shakespeare windows as the original in the same
-run. Healing trains on the wiki ``calibration`` split, disjoint from the ``test`` split evaluated here;
+run. Healing trains on the wiki ``calibration`` split, disjoint from the ``test`` split evaluated here,
+or with ``--source teacher`` on sequences the original samples itself (``lowrank.synthetic``, cached);
 shakespeare is out of domain and never trained on. Budgets run in ascending order over all configurations,
 so an interrupted run has the small budgets of every configuration first; each finished (configuration,
 budget) is written to ``<results-dir>/<out-name>.partial.json`` and ``--resume`` continues from it.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ from _common import (  # noqa: E402
     record_run,
     write_results,
 )
+from _heal_report import reference_key as _reference_key  # noqa: E402
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
@@ -93,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "float32", "bfloat16"),
         help="healing compute (HealConfig.precision; default auto: bfloat16 where the CPU has it natively)",
+    )
+    p.add_argument(
+        "--source",
+        default="corpus",
+        choices=("corpus", "teacher"),
+        help="healing text (HealConfig.source): wiki calibration text, or sequences the original samples",
     )
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (HealConfig default)")
     p.add_argument(
@@ -160,20 +170,32 @@ class _Run:
             learning_rate=learning_rate,
             trainable=trainable,
             precision=self.args.precision,
+            source=self.args.source,
             calibration={"seq_len": self.args.calib_seq_len},
             **_heal_overrides(self.args),
         )
 
-    def heldout_ce(self, tokens: int, compute: str) -> float:
+    def text(self, config) -> tuple[Any, float]:
+        """(token ids healing trains on, seconds to make them): wiki calibration sequences, or for
+        ``source='teacher'`` as many sequences sampled by the original (kept in the cache directory)."""
+        from lowrank.pipeline import calibration_tokens
+        from lowrank.synthetic import teacher_sequences
+
+        ids = calibration_tokens(config.calibration, self.tokenizer)
+        start = time.perf_counter()
+        if config.source == "teacher":
+            ids = teacher_sequences(self.model, len(ids), ids.shape[1], seed=config.seed)
+        return ids, round(time.perf_counter() - start, 1)
+
+    def heldout_ce(self, tokens: int, compute: str, source: str = "corpus") -> float:
         """The original model's cross-entropy on the held-out sequences of a ``tokens`` budget, computed
         under the same autocast as healing's held-out evaluations (their reference point)."""
         import torch
 
         from lowrank.healing import autocast_dtype, distillation_loss, split_tokens
-        from lowrank.pipeline import calibration_tokens
 
-        config = self.heal_config(tokens)
-        _, heldout = split_tokens(calibration_tokens(config.calibration, self.tokenizer), config)
+        config = dataclasses.replace(self.heal_config(tokens), source=source)
+        _, heldout = split_tokens(self.text(config)[0], config)
         total = 0.0
         amp = autocast_dtype(compute, "cpu")
         for chunk in heldout.split(config.batch_size):
@@ -185,11 +207,10 @@ class _Run:
 
     def healed(self, index: int, tokens: int, learning_rate: float, trainable: str) -> dict[str, Any]:
         from lowrank.healing import heal
-        from lowrank.pipeline import calibration_tokens
 
         compressed, _ = self.compressed(index)
         config = self.heal_config(tokens, learning_rate, trainable)
-        ids = calibration_tokens(config.calibration, self.tokenizer)
+        ids, sample_seconds = self.text(config)
         student = copy.deepcopy(compressed)
         start = time.perf_counter()
         details = heal(student, self.model, ids, config)
@@ -197,17 +218,20 @@ class _Run:
         return {
             "tokens": tokens,
             "learning_rate": learning_rate,
+            "source": config.source,
+            "sample_seconds": sample_seconds,
             "heal_seconds": wall,
             "details": details,
             **self.measure(student),
         }
 
 
-def _key(tokens: int, learning_rate: float, compute_dtype: str, trainable: str) -> str:
+def _key(tokens: int, learning_rate: float, compute_dtype: str, trainable: str, source: str) -> str:
     return (
         f"{tokens}@lr={learning_rate:g}"
         + ("" if compute_dtype == "float32" else f"@{compute_dtype}")
         + ("" if trainable == "replaced" else f"@{trainable}")
+        + ("" if source == "corpus" else f"@{source}")
     )
 
 
@@ -257,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             default = default_learning_rate(run.compressed(index)[0], trainable)
             for lr in args.learning_rates or [default]:
                 entry = state["configs"][CONFIGS[index][0]]
-                if (key := _key(tokens, lr, compute, trainable)) in entry["healed"]:
+                if (key := _key(tokens, lr, compute, trainable, args.source)) in entry["healed"]:
                     continue
                 print(f"healing {CONFIGS[index][0]}: {tokens:,} tokens, {key}", flush=True)
                 entry["healed"][key] = run.healed(index, tokens, lr, trainable)
@@ -265,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         references = state["original"].setdefault("heldout_ce", {})
         for entry in state["configs"].values():  # the reference of every run, earlier ones included
             for h in entry["healed"].values():
-                ref = f"{h['tokens']}@{h['details'].get('compute_dtype', 'float32')}"
+                ref = _reference_key(h)
                 if ref not in references:
-                    references[ref] = run.heldout_ce(h["tokens"], ref.split("@")[1])
+                    compute = h["details"].get("compute_dtype", "float32")
+                    references[ref] = run.heldout_ce(h["tokens"], compute, h.get("source", "corpus"))
                     write_json(partial, state)
         record_run(state, args, started)
         write_json(partial, state)

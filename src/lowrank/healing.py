@@ -52,11 +52,13 @@ __all__ = [
     "default_learning_rate",
     "TRAINABLE",
     "PRECISIONS",
+    "SOURCES",
 ]
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE = ("auto", "replaced", "attention", "all")
+SOURCES = ("corpus", "teacher")
 PRECISIONS = ("auto", "float32", "bfloat16")
 WARMUP_FRACTION = 0.05
 """Share of the steps spent warming the learning rate up linearly from zero."""
@@ -239,7 +241,8 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _vocab(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output head: the vocabulary the model predicts over (``config.vocab_size`` without one)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
@@ -354,9 +357,9 @@ def heal(
             a checkpoint of another run, or a diverging loss.
     """
     train_ids, heldout_ids = split_tokens(input_ids, config)
-    if _vocab(teacher) != _vocab(model):
+    if vocab_size(teacher) != vocab_size(model):
         raise ValueError(
-            f"teacher and student vocabularies differ ({_vocab(teacher)} vs {_vocab(model)} tokens); "
+            f"teacher and student vocabularies differ ({vocab_size(teacher)} vs {vocab_size(model)} tokens); "
             "heal against the model the student was compressed from"
         )
     config = dataclasses.replace(config, trainable=resolve_trainable(model, config.trainable))

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Win back what one-shot compression lost: train what compression replaced (low-rank factors, "
             "KV codecs; --trainable attention: also the converted attention's q/k/v/o; all: every "
             "weight) to match the teacher's logits (KL at temperature T plus a cross-entropy term) on "
-            "calibration text, keeping the best held-out state. Ranks and KV-cache bytes are unchanged. "
+            "calibration text (--source teacher: on sequences the teacher samples), keeping the best "
+            "held-out state. Ranks and KV-cache bytes are unchanged. "
             "The same as 'lowrank compress --method heal'."
         ),
     )

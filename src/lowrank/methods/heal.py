@@ -1,7 +1,8 @@
 """Healing: a short distillation fine-tune that wins back what one-shot compression lost (``method='heal'``).
 
 The compressed model (the student) is trained against the logits of the original model (the teacher) on
-calibration text, which is disjoint from the evaluation split. Only what compression replaced trains by
+calibration text, which is disjoint from the evaluation split, or on sequences the teacher samples itself
+(``source='teacher'``, :mod:`lowrank.synthetic`). Only what compression replaced trains by
 default: the factors of every ``LowRankLinear`` and the codec (``kv``: latent and rotary projections) of
 every converted attention, plus, after an MLA conversion only, the q/k/v/o projections of the converted
 attention, whose position-free dimensions must relearn what to match. The structure never changes:
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.healing import PRECISIONS, TRAINABLE, heal, split_tokens, trainable_parameters
+from lowrank.healing import PRECISIONS, SOURCES, TRAINABLE, heal, split_tokens, trainable_parameters
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn.registry import describe_replacement
 from lowrank.pipeline import CalibrationConfig, RunContext
@@ -71,6 +72,11 @@ class HealConfig(MethodConfig):
     otherwise (``lowrank.healing.default_learning_rate``, chosen by measurement)."""
     batch_size: int = 4
     """Sequences per optimizer step."""
+    source: str = field(default="corpus", metadata={"choices": SOURCES})
+    """Training text: ``corpus``, the calibration split of ``calibration.data``; ``teacher``, sequences the
+    teacher samples itself (data-free distillation; kept in the cache directory and reused, see
+    :mod:`lowrank.synthetic`). Measured on the built-in model, corpus text heals more, in its own domain and
+    out of it (docs/healing.md)."""
     trainable: str = field(default="auto", metadata={"choices": TRAINABLE})
     """``replaced``: only what compression replaced (low-rank factors, KV codecs); ``attention``: that plus
     the q/k/v/o projections of every converted attention (what partial RoPE needs to relearn); ``all``:
@@ -123,6 +129,8 @@ class HealConfig(MethodConfig):
             raise ValueError(f"checkpoint_minutes must be >= 0; got {self.checkpoint_minutes!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}; got {self.source!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}; got {self.trainable!r}")
         samples = self.training_sequences(self.calibration.seq_len) + self.heldout_sequences
@@ -161,12 +169,16 @@ def _teacher_for(model: nn.Module, config: HealConfig, device: torch.device) -> 
 def compress_heal(model: nn.Module, config: HealConfig, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='heal'``: load the teacher, fine-tune, report (the structure is unchanged)."""
     split_tokens(ctx.calibration, config)  # refuse unusable token ids before loading a teacher
+    ids = ctx.calibration
     with ctx.timings.measure("teacher"):
         teacher = _teacher_for(model, config, ctx.device)
+    if config.source == "teacher":
+        from lowrank.synthetic import teacher_sequences
+
+        with ctx.timings.measure("sample"):
+            ids = teacher_sequences(teacher, len(ids), ids.shape[1], seed=config.seed)
     with ctx.timings.measure("heal"):
-        details = heal(
-            model, teacher, ctx.calibration, config, device=ctx.device, checkpoint_dir=ctx.checkpoints("heal")
-        )
+        details = heal(model, teacher, ids, config, device=ctx.device, checkpoint_dir=ctx.checkpoints("heal"))
     ctx.tokens = details["tokens_trained"]
     trained = {id(p) for p in trainable_parameters(model, config.trainable).values()}
     modules = {
