@@ -181,10 +181,11 @@ class _Run:
         from lowrank.pipeline import calibration_tokens
         from lowrank.synthetic import teacher_sequences
 
-        ids = calibration_tokens(config.calibration, self.tokenizer)
+        if config.source == "corpus":
+            return calibration_tokens(config.calibration, self.tokenizer), 0.0
         start = time.perf_counter()
-        if config.source == "teacher":
-            ids = teacher_sequences(self.model, len(ids), ids.shape[1], seed=config.seed)
+        cal = config.calibration
+        ids = teacher_sequences(self.model, cal.samples, cal.seq_len, seed=config.seed)
         return ids, round(time.perf_counter() - start, 1)
 
     def heldout_ce(self, tokens: int, compute: str, source: str = "corpus") -> float:

@@ -80,7 +80,7 @@ def _sample_batch(
         steps.append(token)
         if remaining > 1:
             logits = model(token, use_cache=True, **{cache_kw: cache}).logits[:, -1]
-    return torch.cat(steps, dim=1)[:, :seq_len]
+    return torch.cat(steps, dim=1)
 
 
 def _batches(
