@@ -23,6 +23,26 @@ def _source(healed: dict[str, Any]) -> str:
     return healed.get("source", "corpus")
 
 
+def _objective(healed: dict[str, Any]) -> tuple[float, float]:
+    """(KD weight, temperature) of a run; runs recorded before the benchmark compared them used
+    HealConfig's defaults."""
+    from lowrank.methods import HealConfig
+
+    return healed.get("kd_weight", HealConfig.kd_weight), healed.get("temperature", HealConfig.temperature)
+
+
+def _objective_label(healed: dict[str, Any]) -> str:
+    from lowrank.methods import HealConfig
+
+    w, t = _objective(healed)
+    return "".join(
+        [
+            "" if w == HealConfig.kd_weight else f", KD weight {w:g}",
+            "" if t == HealConfig.temperature else f", T {t:g}",
+        ]
+    )
+
+
 def reference_key(healed: dict[str, Any]) -> str:
     """Key of the original's held-out cross-entropy that a run is measured against: its budget, compute
     and, for text the original sampled, the source (other held-out sequences)."""
@@ -39,6 +59,7 @@ def _run_label(healed: dict[str, Any]) -> str:
         + ("" if compute == "float32" else f", {compute}")
         + ("" if trainable == "replaced" else f", trains {trainable}")
         + ("" if _source(healed) == "corpus" else f", {_source(healed)} text")
+        + _objective_label(healed)
     )
 
 
@@ -78,6 +99,8 @@ def rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
                     "compute_dtype": _compute(healed),
                     "trainable": d.get("trainable", "replaced"),
                     "source": _source(healed),
+                    "kd_weight": _objective(healed)[0],
+                    "temperature": _objective(healed)[1],
                     "tokens_trained": d["tokens_trained"],
                     "steps": d["steps"],
                     "stopped_early": d["steps"] < d["steps_planned"],
@@ -133,11 +156,11 @@ def report(
         f"{target}. Ratios: svd-llm-v2 'removed' = share of the original parameters removed; KV % = cached "
         "K/V numbers kept per token and layer; R/d = cached dimensions kept per KV head.",
         "",
-        "| configuration | healing text | healing tokens | lr | compute | trains | steps "
+        "| configuration | healing text | healing tokens | lr | compute | trains | KD weight, T | steps "
         "| wiki ppl before → after "
         "| recovered | shakespeare ppl before → after | recovered | held-out recovered "
         "| held-out target reached at | heal s | target wiki / shakespeare | structure unchanged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         rec, before, after = r["recovered"], r["perplexity_compressed"], r["perplexity_healed"]
@@ -146,7 +169,7 @@ def report(
         lines.append(
             f"| {r['config']} | {'wiki' if r['source'] == 'corpus' else 'teacher-sampled'} | {tokens} | "
             f"{r['learning_rate']:g} | {r['compute_dtype']} | "
-            f"{r['trainable']} | {r['steps']} | "
+            f"{r['trainable']} | {r['kd_weight']:g}, {r['temperature']:g} | {r['steps']} | "
             f"{before['wiki']:.2f} → {after['wiki']:.2f} | {_f(rec['wiki'])} | "
             f"{before['shakespeare']:.2f} → {after['shakespeare']:.2f} | "
             f"{_f(rec['shakespeare'])} | {_f(r.get('heldout_recovered'))} | {_reached(r)} | "

@@ -5,6 +5,7 @@
     python benchmarks/heal.py --resume                         # continue an interrupted run
     python benchmarks/heal.py --report-only                    # rewrite the report from the partial file
     python benchmarks/heal.py --configs 0 --tokens 50000 --source teacher   # on text the original samples
+    python benchmarks/heal.py --configs 0 --tokens 50000 --temperatures 1 2 --kd-weights 0.9 1  # objectives
     python benchmarks/heal.py --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --heldout-sequences 2 --results-dir /tmp/heal_smoke  # smoke test
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 TARGET = 0.5
+_SHORT = {"kd_weight": "kd", "temperature": "T"}  # the distillation objective's fields, in result keys
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
         default=["auto"],
         choices=("auto", "replaced", "attention", "all"),
         help="what trains, each compared (HealConfig.trainable; default auto, recorded as what it means)",
+    )
+    p.add_argument(
+        "--kd-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="distillation weights w to compare (HealConfig.kd_weight; 1 − w goes to cross-entropy)",
+    )
+    p.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=None,
+        help="distillation temperatures to compare (HealConfig.temperature)",
     )
     p.add_argument(
         "--precision",
@@ -161,7 +178,14 @@ class _Run:
             self._compressed[index] = (model, info)
         return self._compressed[index]
 
-    def heal_config(self, tokens: int, learning_rate: float | None = None, trainable: str = "replaced"):
+    def heal_config(
+        self,
+        tokens: int,
+        learning_rate: float | None = None,
+        trainable: str = "replaced",
+        objective: dict[str, float] | None = None,
+    ):
+        """``HealConfig`` of one run; ``objective`` overrides ``kd_weight`` and ``temperature``."""
         from lowrank.methods import HealConfig
 
         return HealConfig(
@@ -169,6 +193,7 @@ class _Run:
             tokens=tokens,
             learning_rate=learning_rate,
             trainable=trainable,
+            **(objective or {}),
             precision=self.args.precision,
             source=self.args.source,
             calibration={"seq_len": self.args.calib_seq_len},
@@ -206,11 +231,13 @@ class _Run:
             total += float(ce) * len(chunk)
         return total / len(heldout)
 
-    def healed(self, index: int, tokens: int, learning_rate: float, trainable: str) -> dict[str, Any]:
+    def healed(
+        self, index: int, tokens: int, learning_rate: float, trainable: str, objective: dict[str, float]
+    ) -> dict[str, Any]:
         from lowrank.healing import heal
 
         compressed, _ = self.compressed(index)
-        config = self.heal_config(tokens, learning_rate, trainable)
+        config = self.heal_config(tokens, learning_rate, trainable, objective)
         ids, sample_seconds = self.text(config)
         student = copy.deepcopy(compressed)
         start = time.perf_counter()
@@ -220,6 +247,8 @@ class _Run:
             "tokens": tokens,
             "learning_rate": learning_rate,
             "source": config.source,
+            "kd_weight": config.kd_weight,
+            "temperature": config.temperature,
             "sample_seconds": sample_seconds,
             "heal_seconds": wall,
             "details": details,
@@ -227,13 +256,30 @@ class _Run:
         }
 
 
-def _key(tokens: int, learning_rate: float, compute_dtype: str, trainable: str, source: str) -> str:
+def _key(
+    tokens: int, learning_rate: float, compute_dtype: str, trainable: str, source: str, objective: dict
+) -> str:
+    """Results key of one run; what is at its default is left out, so earlier keys stay valid."""
     return (
         f"{tokens}@lr={learning_rate:g}"
         + ("" if compute_dtype == "float32" else f"@{compute_dtype}")
         + ("" if trainable == "replaced" else f"@{trainable}")
         + ("" if source == "corpus" else f"@{source}")
+        + "".join(f"@{_SHORT[n]}={v:g}" for n, v in objective.items() if v != _objective_defaults()[n])
     )
+
+
+def _objective_defaults() -> dict[str, float]:
+    from lowrank.methods import HealConfig
+
+    return {name: getattr(HealConfig, name) for name in _SHORT}
+
+
+def _objectives(args) -> list[dict[str, float]]:
+    """Every (kd_weight, temperature) pair to compare, HealConfig's defaults where not given."""
+    weights = args.kd_weights or [_objective_defaults()["kd_weight"]]
+    temperatures = args.temperatures or [_objective_defaults()["temperature"]]
+    return [{"kd_weight": w, "temperature": t} for w in weights for t in temperatures]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--configs {bad}: indices must be in 0–{len(CONFIGS) - 1}")
     if bad := [t for t in args.tokens if t < 1]:
         raise SystemExit(f"--tokens {bad}: budgets must be positive integers")
+    from lowrank.methods import HealConfig
+
+    for objective in _objectives(args):  # HealConfig's own checks, before any compute
+        try:
+            HealConfig(teacher=args.model, **objective)
+        except ValueError as e:
+            raise SystemExit(f"--kd-weights / --temperatures: {e}") from None
     settings = {
         "model": args.model,
         "calib_samples": args.calib_samples,
@@ -280,12 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for tokens, index, trainable in runs:
             default = default_learning_rate(run.compressed(index)[0], trainable)
-            for lr in args.learning_rates or [default]:
+            for lr, objective in itertools.product(args.learning_rates or [default], _objectives(args)):
                 entry = state["configs"][CONFIGS[index][0]]
-                if (key := _key(tokens, lr, compute, trainable, args.source)) in entry["healed"]:
+                key = _key(tokens, lr, compute, trainable, args.source, objective)
+                if key in entry["healed"]:
                     continue
                 print(f"healing {CONFIGS[index][0]}: {tokens:,} tokens, {key}", flush=True)
-                entry["healed"][key] = run.healed(index, tokens, lr, trainable)
+                entry["healed"][key] = run.healed(index, tokens, lr, trainable, objective)
                 write_json(partial, state)
         references = state["original"].setdefault("heldout_ce", {})
         for entry in state["configs"].values():  # the reference of every run, earlier ones included

@@ -289,7 +289,8 @@ def test_a_stacked_heal_step_is_recorded_saved_and_reloaded(tmp_path):
         assert torch.equal(loaded(ids).logits, student(ids).logits)
 
 
-def test_cli_heals_a_saved_model(tmp_path, capsys):
+def test_cli_heals_a_saved_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
     teacher = save_tiny_model_dir(tmp_path / "teacher", "llama")
     save_compressed(_compressed(teacher), tmp_path / "small", tokenizer=tiny_tokenizer())
     (tmp_path / "text.txt").write_text(tiny_text(4000), encoding="utf-8")
@@ -302,5 +303,11 @@ def test_cli_heals_a_saved_model(tmp_path, capsys):
     assert [m["method"] for m in applied_methods(loaded)] == ["svd-llm", "heal"]
     assert main(["heal", *common, "--tokens", "0"]) == 2
     assert "tokens must be a positive integer; got 0" in capsys.readouterr().err
+    # the teacher writes its own text: a corpus far too short for the budget is never read
+    (tmp_path / "short.txt").write_text(tiny_text(20), encoding="utf-8")
+    short = [*common[:4], "--data", str(tmp_path / "short.txt"), *common[6:]]
+    assert main(["heal", *short, *flags, "--source", "teacher", "--out", str(tmp_path / "sampled")]) == 0
+    assert main(["heal", *short, *flags, "--out", str(tmp_path / "corpus")]) == 2
+    assert "text has 20 tokens but 20 samples x 32 tokens need 640" in capsys.readouterr().err
     assert main(["heal", *common, "--learning-rate", "-1"]) == 2
     assert "learning_rate must be in (0, 1]; got -1.0" in capsys.readouterr().err

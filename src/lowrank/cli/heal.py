@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         dest="cfg__calibration__data",
         help="corpus of the training text, split 'calibration' (built-in name, .txt file or datasets "
-        "name; default: wiki); same as --calib-data",
+        "name; default: wiki; not read with --source teacher); same as --calib-data",
     )
     add_output_arguments(
         p, what="healed", checkpoint_help="save progress every --checkpoint-minutes; rerun to resume"

@@ -51,7 +51,6 @@ class HealConfig(MethodConfig):
     """Distillation fine-tune of a compressed model against the model it was compressed from."""
 
     method: ClassVar[str] = "heal"
-    calibrated: ClassVar[bool] = True
     example: ClassVar[dict[str, Any]] = {
         "teacher": "self",
         "tokens": 256,
@@ -141,6 +140,11 @@ class HealConfig(MethodConfig):
             )
         self.calibration = dataclasses.replace(self.calibration, samples=samples)
 
+    @property
+    def calibrated(self) -> bool:  # type: ignore[override]
+        """Whether the run reads corpus text: not with ``source='teacher'``, where the teacher writes it."""
+        return self.source == "corpus"
+
     @classmethod
     def unsupported(cls, model: nn.Module) -> str | None:
         if not any(describe_replacement(m) is not None for m in model.modules()):
@@ -168,15 +172,18 @@ def _teacher_for(model: nn.Module, config: HealConfig, device: torch.device) -> 
 @register_method(HealConfig)
 def compress_heal(model: nn.Module, config: HealConfig, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='heal'``: load the teacher, fine-tune, report (the structure is unchanged)."""
-    split_tokens(ctx.calibration, config)  # refuse unusable token ids before loading a teacher
-    ids = ctx.calibration
+    if config.source == "corpus":
+        split_tokens(ctx.calibration, config)  # refuse unusable token ids before loading a teacher
     with ctx.timings.measure("teacher"):
         teacher = _teacher_for(model, config, ctx.device)
-    if config.source == "teacher":
+    if config.source == "teacher":  # the teacher writes the text; no corpus is read
         from lowrank.synthetic import teacher_sequences
 
+        cal = config.calibration
         with ctx.timings.measure("sample"):
-            ids = teacher_sequences(teacher, len(ids), ids.shape[1], seed=config.seed)
+            ids = teacher_sequences(teacher, cal.samples, cal.seq_len, seed=config.seed)
+    else:
+        ids = ctx.calibration
     with ctx.timings.measure("heal"):
         details = heal(model, teacher, ids, config, device=ctx.device, checkpoint_dir=ctx.checkpoints("heal"))
     ctx.tokens = details["tokens_trained"]
