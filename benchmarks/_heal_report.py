@@ -50,13 +50,13 @@ def reference_key(healed: dict[str, Any]) -> str:
     return key if _source(healed) == "corpus" else f"{key}@{_source(healed)}"
 
 
-def _run_label(healed: dict[str, Any]) -> str:
+def _run_label(healed: dict[str, Any], compute: bool = True) -> str:
     """'lr 0.0001', 'lr 0.0001, bfloat16' or 'lr 1e-05, bfloat16, trains all, teacher text': what tells
-    apart the runs of one configuration and budget."""
-    compute, trainable = _compute(healed), healed["details"].get("trainable", "replaced")
+    apart the runs of one configuration and budget (``compute=False``: the same recipe at any compute)."""
+    dtype, trainable = _compute(healed), healed["details"].get("trainable", "replaced")
     return (
         f"lr {healed['learning_rate']:g}"
-        + ("" if compute == "float32" else f", {compute}")
+        + ("" if dtype == "float32" or not compute else f", {dtype}")
         + ("" if trainable == "replaced" else f", trains {trainable}")
         + ("" if _source(healed) == "corpus" else f", {_source(healed)} text")
         + _objective_label(healed)
@@ -210,13 +210,13 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
     axes[0].grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     for ax, corpus in zip(axes[1:], CORPORA, strict=True):
-        for name, entry in state["configs"].items():
-            runs = sorted({_run_label(h) for h in entry["healed"].values()})
+        for name, entry in state["configs"].items():  # one line per recipe, its budgets in either compute
+            runs = sorted({_run_label(h, compute=False) for h in entry["healed"].values()})
             for run in runs:
                 points = [(0, entry["compressed"]["perplexity"][corpus])] + sorted(
                     (h["details"]["tokens_trained"], h["perplexity"][corpus])
                     for h in entry["healed"].values()
-                    if _run_label(h) == run
+                    if _run_label(h, compute=False) == run
                 )
                 label = name if len(runs) == 1 else f"{name}, {run}"
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -226,5 +226,7 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel(f"{corpus} perplexity")
         ax.set_title(corpus + (" (never trained on)" if corpus == "wiki" else " (out of domain)"))
         ax.grid(True, which="both", alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
     axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     return save_figure(fig, path)
