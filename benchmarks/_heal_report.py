@@ -23,22 +23,26 @@ def _source(healed: dict[str, Any]) -> str:
     return healed.get("source", "corpus")
 
 
-def _objective(healed: dict[str, Any]) -> tuple[float, float]:
-    """(KD weight, temperature) of a run; runs recorded before the benchmark compared them used
-    HealConfig's defaults."""
+def objective_defaults() -> dict[str, float]:
+    """HealConfig's distillation objective (``kd_weight``, ``temperature``): what runs recorded before the
+    benchmark compared objectives used, and what result keys and labels leave out."""
     from lowrank.methods import HealConfig
 
-    return healed.get("kd_weight", HealConfig.kd_weight), healed.get("temperature", HealConfig.temperature)
+    return {"kd_weight": HealConfig.kd_weight, "temperature": HealConfig.temperature}
+
+
+def _objective(healed: dict[str, Any]) -> tuple[float, float]:
+    """(KD weight, temperature) of a run."""
+    defaults = objective_defaults()
+    return healed.get("kd_weight", defaults["kd_weight"]), healed.get("temperature", defaults["temperature"])
 
 
 def _objective_label(healed: dict[str, Any]) -> str:
-    from lowrank.methods import HealConfig
-
-    w, t = _objective(healed)
+    defaults, (w, t) = objective_defaults(), _objective(healed)
     return "".join(
         [
-            "" if w == HealConfig.kd_weight else f", KD weight {w:g}",
-            "" if t == HealConfig.temperature else f", T {t:g}",
+            "" if w == defaults["kd_weight"] else f", KD weight {w:g}",
+            "" if t == defaults["temperature"] else f", T {t:g}",
         ]
     )
 

@@ -48,6 +48,7 @@ from _common import (  # noqa: E402
     record_run,
     write_results,
 )
+from _heal_report import objective_defaults  # noqa: E402
 from _heal_report import reference_key as _reference_key  # noqa: E402
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -265,20 +266,14 @@ def _key(
         + ("" if compute_dtype == "float32" else f"@{compute_dtype}")
         + ("" if trainable == "replaced" else f"@{trainable}")
         + ("" if source == "corpus" else f"@{source}")
-        + "".join(f"@{_SHORT[n]}={v:g}" for n, v in objective.items() if v != _objective_defaults()[n])
+        + "".join(f"@{_SHORT[n]}={v:g}" for n, v in objective.items() if v != objective_defaults()[n])
     )
-
-
-def _objective_defaults() -> dict[str, float]:
-    from lowrank.methods import HealConfig
-
-    return {name: getattr(HealConfig, name) for name in _SHORT}
 
 
 def _objectives(args) -> list[dict[str, float]]:
     """Every (kd_weight, temperature) pair to compare, HealConfig's defaults where not given."""
-    weights = args.kd_weights or [_objective_defaults()["kd_weight"]]
-    temperatures = args.temperatures or [_objective_defaults()["temperature"]]
+    weights = args.kd_weights or [objective_defaults()["kd_weight"]]
+    temperatures = args.temperatures or [objective_defaults()["temperature"]]
     return [{"kd_weight": w, "temperature": t} for w in weights for t in temperatures]
 
 
