@@ -252,6 +252,7 @@ class _Run:
             "temperature": config.temperature,
             "sample_seconds": sample_seconds,
             "heal_seconds": wall,
+            "git_sha": self.args.code_sha,
             "details": details,
             **self.measure(student),
         }
