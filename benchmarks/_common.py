@@ -91,7 +91,7 @@ def record_run(state: dict[str, Any], args: Any, started: float) -> None:
     import time
 
     state["last_measuring_run"] = {
-        "env": env_info("cpu"),
+        "env": {**env_info("cpu"), "git_sha": getattr(args, "code_sha", None)},
         "threads": getattr(args, "threads", None),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -113,7 +113,8 @@ def load_partial(path: Path, settings: dict[str, Any], resume: bool) -> dict[str
 
 
 def open_run(args: Any, settings: dict[str, Any]) -> tuple[dict[str, Any], Path, tuple[float, ...], float]:
-    """Start a resumable benchmark run: torch threads, the results folder and the resume state.
+    """Start a resumable benchmark run: torch threads, the results folder and the resume state; notes in
+    ``args.code_sha`` the commit measuring now (a commit made while a long run goes on is not it).
 
     Returns:
         (state, partial file, 1/5/15-minute load averages at the start, start time).
@@ -125,6 +126,7 @@ def open_run(args: Any, settings: dict[str, Any]) -> tuple[dict[str, Any], Path,
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     load_before, started = os.getloadavg(), time.perf_counter()
+    args.code_sha = git_sha()
     args.results_dir.mkdir(parents=True, exist_ok=True)
     partial = args.results_dir / f"{args.out_name}.partial.json"
     state = load_partial(partial, settings, args.resume or args.report_only)

@@ -186,6 +186,10 @@ def report(
     return "\n".join(lines) + "\n", table, figure
 
 
+_LINES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+_MARKERS = (".", "s", "^")  # the held-out panel: one per token budget
+
+
 def _figure(state: dict[str, Any], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -196,26 +200,39 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         return None
     from _common import save_figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 6.5))
-    for name, entry in state["configs"].items():  # held-out curve: exp(cross-entropy) during training
+    fig, axes = plt.subplots(1, 3, figsize=(17, 10))
+    colours = plt.get_cmap("tab10").colors
+    recipes = {  # a colour per configuration, a line style per recipe of it (the same in every panel)
+        name: sorted({_run_label(h, compute=False) for h in entry["healed"].values()})
+        for name, entry in state["configs"].items()
+    }
+
+    def style(index: int, name: str, run: str) -> dict[str, Any]:
+        r = recipes[name].index(run)
+        return {"color": colours[index % len(colours)], "linestyle": _LINES[r % len(_LINES)]}
+
+    budgets = sorted({h["tokens"] for entry in state["configs"].values() for h in entry["healed"].values()})
+    for index, (name, entry) in enumerate(state["configs"].items()):  # held-out: exp(CE) during training
         for h in sorted(entry["healed"].values(), key=lambda h: (_run_label(h), h["tokens"])):
             tokens_per_step = h["details"]["tokens_trained"] / max(1, h["details"]["steps"])
             curve = h["details"].get("heldout_curve", [])
             axes[0].plot(
                 [e["step"] * tokens_per_step for e in curve],
                 [math.exp(e["ce"]) for e in curve],
-                marker=".",
+                marker=_MARKERS[budgets.index(h["tokens"]) % len(_MARKERS)],
+                markersize=4,
                 label=f"{name}, {_run_label(h)}, {h['tokens']:,} tokens",
+                **style(index, name, _run_label(h, compute=False)),
             )
     axes[0].set_yscale("log")
     axes[0].set_xlabel("healing tokens")
     axes[0].set_ylabel("held-out perplexity (exp of cross-entropy)")
     axes[0].set_title("held-out calibration sequences, during training")
     axes[0].grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     for ax, corpus in zip(axes[1:], CORPORA, strict=True):
-        for name, entry in state["configs"].items():  # one line per recipe, its budgets in either compute
-            runs = sorted({_run_label(h, compute=False) for h in entry["healed"].values()})
+        for index, (name, entry) in enumerate(state["configs"].items()):  # a line per recipe, any compute
+            runs = recipes[name]
             for run in runs:
                 points = [(0, entry["compressed"]["perplexity"][corpus])] + sorted(
                     (h["details"]["tokens_trained"], h["perplexity"][corpus])
@@ -223,7 +240,13 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
                     if _run_label(h, compute=False) == run
                 )
                 label = name if len(runs) == 1 else f"{name}, {run}"
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker="o",
+                    label=label,
+                    **style(index, name, run),
+                )
         ax.axhline(state["original"]["perplexity"][corpus], color="black", linestyle="--", label="original")
         ax.set_yscale("log")
         ax.set_xlabel("healing tokens")
@@ -232,5 +255,5 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
-    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     return save_figure(fig, path)

@@ -51,6 +51,8 @@ from _common import (  # noqa: E402
 from _heal_report import objective_defaults  # noqa: E402
 from _heal_report import reference_key as _reference_key  # noqa: E402
 
+from lowrank.healing import PRECISIONS, SOURCES, TRAINABLE  # noqa: E402
+
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
     ("svd-llm-v2 40 % removed", {"method": "svd-llm-v2", "ratio": 0.4}),
@@ -93,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "--trainable",
         nargs="+",
         default=["auto"],
-        choices=("auto", "replaced", "attention", "all"),
+        choices=TRAINABLE,
         help="what trains, each compared (HealConfig.trainable; default auto, recorded as what it means)",
     )
     p.add_argument(
@@ -113,13 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "float32", "bfloat16"),
+        choices=PRECISIONS,
         help="healing compute (HealConfig.precision; default auto: bfloat16 where the CPU has it natively)",
     )
     p.add_argument(
         "--source",
         default="corpus",
-        choices=("corpus", "teacher"),
+        choices=SOURCES,
         help="healing text (HealConfig.source): wiki calibration text, or sequences the original samples",
     )
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (HealConfig default)")
@@ -252,6 +254,7 @@ class _Run:
             "temperature": config.temperature,
             "sample_seconds": sample_seconds,
             "heal_seconds": wall,
+            "git_sha": self.args.code_sha,
             "details": details,
             **self.measure(student),
         }

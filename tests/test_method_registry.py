@@ -3,6 +3,7 @@ saves and reloads; and every registered method runs on every tiny architecture."
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,6 +19,8 @@ from lowrank.cli import main
 from lowrank.methods import (
     CompressionResult,
     MethodConfig,
+    SVDConfig,
+    SVDLLMConfig,
     compress,
     config_class,
     count_parameters,
@@ -148,6 +151,24 @@ def test_every_registered_method_on_every_architecture(tmp_path, arch, method):
     save_compressed(model, tmp_path / "m")
     loaded, _ = load_compressed(tmp_path / "m")
     assert torch.equal(_logits(loaded, ids), logits)
+
+
+def test_calibration_given_to_a_data_free_method_is_ignored_with_a_warning(caplog):
+    ids = random_tokens(16, 48)
+    a, b = make_tiny_model("llama"), make_tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="lowrank.methods.base"):
+        compress(a, SVDConfig(ratio=0.5))
+        assert not caplog.records
+        compress(b, SVDConfig(ratio=0.5), calibration=ids)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "method 'svd' reads no calibration text with these settings; the calibration given is ignored"
+    )
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with caplog.at_level(logging.WARNING, logger="lowrank.methods.base"):
+        caplog.clear()
+        compress(make_tiny_model("llama"), SVDLLMConfig(ratio=0.5), calibration=ids)
+    assert not caplog.records  # a calibrated method reads it, silently
 
 
 def test_ranks_are_recorded_as_built_with_an_adaptive_decomposer():

@@ -4,6 +4,7 @@ disk batch by batch, resumed after an interruption, keyed by the weights; healin
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_bad_settings_are_one_line_errors(model, tmp_path, kwargs, shown):
         assert str(info.value) == shown
 
 
-def test_healing_on_the_teachers_own_text(tmp_path, monkeypatch):
+def test_healing_on_the_teachers_own_text(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
     teacher = save_tiny_model_dir(tmp_path / "teacher", "llama")
     student = copy.deepcopy(teacher)
@@ -117,7 +118,9 @@ def test_healing_on_the_teachers_own_text(tmp_path, monkeypatch):
     assert HealConfig.from_dict(config.to_dict()) == config
     # no corpus is read (the CLI draws none), so a corpus too short for the budget is no obstacle
     assert not config.calibrated and _config().calibrated
-    result = compress(student, config)
+    with caplog.at_level(logging.WARNING, logger="lowrank.methods.base"):
+        result = compress(student, config, calibration=random_tokens(40, SEQ_LEN))
+    assert "method 'heal' reads no calibration text" in caplog.text  # corpus ids given are ignored, said
     assert result.details["heldout_loss_after"] < result.details["heldout_loss_before"]
     (stored,) = (tmp_path / "cache" / "synthetic").glob("*.pt")
     ids = torch.load(stored)[:32]

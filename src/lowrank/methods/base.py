@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import time
 import typing
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from torch import nn
 
 from lowrank._dataclass import from_json_object
 from lowrank.pipeline import RunContext
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MethodConfig",
@@ -244,7 +247,8 @@ def compress(
         model: a causal LM (Llama-like layout); its weights may stay on CPU.
         config: a registered method config (``SVDConfig``, ``SVDLLMConfig``, ``SVDLLMV2Config``, …).
         calibration: (samples, seq_len) token ids, or ``CalibrationStatistics`` precomputed on the unchanged
-            model (non-sequential mode, reusable across configurations); data-free methods ignore it.
+            model (non-sequential mode, reusable across configurations); data-free methods ignore it
+            (with a warning).
         device: compute device; layers visit it one at a time (default: the model's device).
         checkpoint_dir: save after every layer and resume an interrupted run from there.
 
@@ -262,6 +266,11 @@ def compress(
     reason = type(config).unsupported(model)
     if reason:
         raise ValueError(f"method {config.method!r} does not support {type(model).__name__}: {reason}")
+    if calibration is not None and not config.calibrated:
+        logger.warning(
+            "method %r reads no calibration text with these settings; the calibration given is ignored",
+            config.method,
+        )
     ctx = RunContext(model, calibration=calibration, device=device, checkpoint_dir=checkpoint_dir)
     parameters, size, kv = count_parameters(model), weight_bytes(model), _kv_bytes(model)
     before = fallback_counts()
