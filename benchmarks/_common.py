@@ -91,7 +91,7 @@ def record_run(state: dict[str, Any], args: Any, started: float) -> None:
     import time
 
     state["last_measuring_run"] = {
-        "env": {**env_info("cpu"), "git_sha": getattr(args, "code_sha", None)},
+        "env": {**env_info("cpu"), "git_sha": args.code_sha},  # the commit noted by open_run
         "threads": getattr(args, "threads", None),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
