@@ -174,9 +174,9 @@ def report(
             f"| {r['config']} | {'wiki' if r['source'] == 'corpus' else 'teacher-sampled'} | {tokens} | "
             f"{r['learning_rate']:g} | {r['compute_dtype']} | "
             f"{r['trainable']} | {r['kd_weight']:g}, {r['temperature']:g} | {r['steps']} | "
-            f"{before['wiki']:.2f} → {after['wiki']:.2f} | {_f(rec['wiki'])} | "
+            f"{before['wiki']:.2f} → {after['wiki']:.2f} | {_f(rec['wiki'], '.3f')} | "
             f"{before['shakespeare']:.2f} → {after['shakespeare']:.2f} | "
-            f"{_f(rec['shakespeare'])} | {_f(r.get('heldout_recovered'))} | {_reached(r)} | "
+            f"{_f(rec['shakespeare'], '.3f')} | {_f(r.get('heldout_recovered'), '.3f')} | {_reached(r)} | "
             f"{r['heal_seconds']:.0f} | {met} | "
             f"{'yes' if r['structure_unchanged'] else 'NO'} |"
         )
@@ -186,8 +186,19 @@ def report(
     return "\n".join(lines) + "\n", table, figure
 
 
-_LINES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
-_MARKERS = (".", "s", "^")  # the held-out panel: one per token budget
+_LINES = (  # one per recipe of a configuration
+    "-",
+    "--",
+    ":",
+    "-.",
+    (0, (5, 1, 1, 1, 1, 1)),
+    (0, (1, 3)),
+    (0, (8, 2)),
+    (0, (3, 1, 1, 1, 1, 1, 1, 1)),
+    (0, (8, 2, 1, 2)),
+    (0, (2, 1)),
+)
+_MARKERS = (".", "s", "^", "D", "v", "x", "P", "*")  # the held-out panel: one per token budget
 
 
 def _figure(state: dict[str, Any], path: Path) -> Path | None:

@@ -17,7 +17,11 @@ run. Healing trains on the wiki ``calibration`` split, disjoint from the ``test`
 or with ``--source teacher`` on sequences the original samples itself (``lowrank.synthetic``, cached);
 shakespeare is out of domain and never trained on. Budgets run in ascending order over all configurations,
 so an interrupted run has the small budgets of every configuration first; each finished (configuration,
-budget) is written to ``<results-dir>/<out-name>.partial.json`` and ``--resume`` continues from it.
+budget) is written to ``<results-dir>/<out-name>.partial.json`` and ``--resume`` continues from it. The
+run's own scratch lives in ``<results-dir>/<out-name>.work/``: every compressed model (``compressed/``,
+reloaded on ``--resume`` so a resumed run heals exactly the same weights) and the checkpoint of the
+healing run in progress (``checkpoints/``, saved every ``HealConfig.checkpoint_minutes``, removed when
+the run finishes), so ``--resume`` continues a long run from its last checkpoint, not from its start.
 
 Recovered fraction = (ln ppl_compressed − ln ppl_healed) / (ln ppl_compressed − ln ppl_original): 1 is the
 original's perplexity, 0 no gain; the target is at least 0.5. Weight bytes and KV-cache bytes per token are
@@ -28,9 +32,11 @@ device, torch version and git SHA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
+import re
 import sys
 import time
 from pathlib import Path
@@ -135,7 +141,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=8, help="wiki test windows of 512 tokens (8)")
     p.add_argument("--windows-shakespeare", type=int, default=4, help="shakespeare windows of 512 tokens (4)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the partial file")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        help="save the healing run in progress this often (HealConfig default; --resume continues it)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the partial file, the compressed models and the last healing checkpoint",
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the partial file")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--out-name", default="heal_cpu")
@@ -147,12 +163,18 @@ def _heal_overrides(args) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _slug(text: str) -> str:
+    """``text`` as one file name: runs of anything but letters, digits, '.', '=' and '-' become '_'."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
 class _Run:
     """The original model, its tokenizer, the evaluation windows and the compressed models (made once)."""
 
     def __init__(self, args) -> None:
         self.args = args
         self.model, self.tokenizer, self.eval_ids = load_for_evaluation(args)
+        self.work = args.results_dir / f"{args.out_name}.work"
         self._compressed: dict[int, tuple[Any, dict[str, Any]]] = {}
 
     def measure(self, model) -> dict[str, Any]:
@@ -167,17 +189,28 @@ class _Run:
         }
 
     def compressed(self, index: int) -> tuple[Any, dict[str, Any]]:
-        """The model compressed with configuration ``index`` and its measurements (made on first use)."""
+        """The model compressed with configuration ``index`` and its measurements (made on first use, kept
+        in the work folder; ``--resume`` reloads it from there, its compression time then unknown)."""
         if index not in self._compressed:
+            from lowrank.layerwise import fingerprint
             from lowrank.methods import compress, config_from_dict
             from lowrank.pipeline import calibration_tokens
+            from lowrank.serialization import is_compressed_dir, load_compressed, save_compressed
 
             calibration = {"samples": self.args.calib_samples, "seq_len": self.args.calib_seq_len}
-            config = config_from_dict({**CONFIGS[index][1], "calibration": calibration})
-            model = copy.deepcopy(self.model)
-            start = time.perf_counter()
-            compress(model, config, calibration=calibration_tokens(config.calibration, self.tokenizer))
-            info = {"compress_seconds": round(time.perf_counter() - start, 1), **self.measure(model)}
+            settings = {**CONFIGS[index][1], "calibration": calibration}
+            digest = fingerprint(self.args.model, settings)[:12]
+            saved = self.work / "compressed" / f"{_slug(CONFIGS[index][0])}-{digest}"
+            if self.args.resume and is_compressed_dir(saved):
+                model, _ = load_compressed(saved)
+                info = {"compress_seconds": None, **self.measure(model)}
+            else:
+                model = copy.deepcopy(self.model)
+                start = time.perf_counter()
+                config = config_from_dict(settings)
+                compress(model, config, calibration=calibration_tokens(config.calibration, self.tokenizer))
+                info = {"compress_seconds": round(time.perf_counter() - start, 1), **self.measure(model)}
+                save_compressed(model, saved)
             self._compressed[index] = (model, info)
         return self._compressed[index]
 
@@ -191,6 +224,9 @@ class _Run:
         """``HealConfig`` of one run; ``objective`` overrides ``kd_weight`` and ``temperature``."""
         from lowrank.methods import HealConfig
 
+        overrides = _heal_overrides(self.args)  # in the settings a resumed run must match; the next is not
+        if self.args.checkpoint_minutes is not None:
+            overrides["checkpoint_minutes"] = self.args.checkpoint_minutes
         return HealConfig(
             teacher=self.args.model,
             tokens=tokens,
@@ -200,7 +236,7 @@ class _Run:
             precision=self.args.precision,
             source=self.args.source,
             calibration={"seq_len": self.args.calib_seq_len},
-            **_heal_overrides(self.args),
+            **overrides,
         )
 
     def text(self, config) -> tuple[Any, float]:
@@ -235,17 +271,31 @@ class _Run:
         return total / len(heldout)
 
     def healed(
-        self, index: int, tokens: int, learning_rate: float, trainable: str, objective: dict[str, float]
+        self,
+        index: int,
+        key: str,
+        tokens: int,
+        learning_rate: float,
+        trainable: str,
+        objective: dict[str, float],
     ) -> dict[str, Any]:
-        from lowrank.healing import heal
+        """Heal a copy of compressed model ``index`` (checkpointed in the work folder under ``key``: a
+        ``--resume`` continues from the last checkpoint, a fresh run starts afresh) and measure it."""
+        from lowrank.healing import CHECKPOINT_FILE, heal
 
         compressed, _ = self.compressed(index)
         config = self.heal_config(tokens, learning_rate, trainable, objective)
         ids, sample_seconds = self.text(config)
         student = copy.deepcopy(compressed)
+        checkpoints = self.work / "checkpoints" / _slug(f"{CONFIGS[index][0]}-{key}")
+        if not self.args.resume:
+            (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
         start = time.perf_counter()
-        details = heal(student, self.model, ids, config)
+        details = heal(student, self.model, ids, config, checkpoint_dir=checkpoints)
         wall = round(time.perf_counter() - start, 1)
+        (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: the result goes into the partial
+        with contextlib.suppress(OSError):  # file; a stray temporary file only keeps the empty folder
+            checkpoints.rmdir()
         return {
             "tokens": tokens,
             "learning_rate": learning_rate,
@@ -253,7 +303,8 @@ class _Run:
             "kd_weight": config.kd_weight,
             "temperature": config.temperature,
             "sample_seconds": sample_seconds,
-            "heal_seconds": wall,
+            # a run resumed from a checkpoint took its training time over several invocations
+            "heal_seconds": wall if details["resumed_from_step"] == 0 else round(details["train_time_s"], 1),
             "git_sha": self.args.code_sha,
             "details": details,
             **self.measure(student),
@@ -337,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key in entry["healed"]:
                     continue
                 print(f"healing {CONFIGS[index][0]}: {tokens:,} tokens, {key}", flush=True)
-                entry["healed"][key] = run.healed(index, tokens, lr, trainable, objective)
+                entry["healed"][key] = run.healed(index, key, tokens, lr, trainable, objective)
                 write_json(partial, state)
         references = state["original"].setdefault("heldout_ce", {})
         for entry in state["configs"].values():  # the reference of every run, earlier ones included

@@ -79,7 +79,7 @@ CODEC_LEARNING_RATE = 1e-5
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
 _FORMAT = 1
-_CHECKPOINT = "heal_state.pt"
+CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
 
 
 def resolve_trainable(model: nn.Module, trainable: str = "auto") -> str:
@@ -284,7 +284,7 @@ class _Checkpoint:
     """One file holding the trainable state, optimizer, best state and progress, replaced atomically."""
 
     def __init__(self, directory: Path | None, key: str) -> None:
-        self.path = None if directory is None else Path(directory) / _CHECKPOINT
+        self.path = None if directory is None else Path(directory) / CHECKPOINT_FILE
         self.key = key
 
     def save(self, params, optimizer, best, progress: _Progress) -> None:
