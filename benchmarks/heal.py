@@ -291,7 +291,7 @@ class _Run:
     ) -> dict[str, Any]:
         """Heal a copy of compressed model ``index`` (checkpointed in the work folder under ``key``: a
         ``--resume`` continues from the last checkpoint, a fresh run starts afresh) and measure it."""
-        from lowrank.healing import CHECKPOINT_FILE, heal
+        from lowrank.healing import CHECKPOINT_FILE, CheckpointError, heal
 
         compressed, _ = self.compressed(index)
         config = self.heal_config(tokens, learning_rate, trainable, objective)
@@ -301,7 +301,10 @@ class _Run:
         if not self.args.resume:
             (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
         start = time.perf_counter()
-        details = heal(student, self.model, ids, config, checkpoint_dir=checkpoints)
+        try:
+            details = heal(student, self.model, ids, config, checkpoint_dir=checkpoints)
+        except CheckpointError as e:  # only a --resume finds one: a fresh run deleted it above
+            raise SystemExit(f"{e}; or run without --resume to heal {key} afresh") from None
         wall = round(time.perf_counter() - start, 1)
         (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: the result goes into the partial
         with contextlib.suppress(OSError):  # file; a stray temporary file only keeps the empty folder

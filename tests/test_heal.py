@@ -259,8 +259,12 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path
     assert {k: v for k, v in details.items() if k not in volatile} == {
         k: v for k, v in expected.items() if k not in volatile
     }
-    with pytest.raises(ValueError, match="different configuration") as info:
+    with pytest.raises(heal_module.CheckpointError, match="different configuration") as info:
         heal(copy.deepcopy(student), teacher, ids, _config(learning_rate=1e-4), checkpoint_dir=tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / heal_module.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(heal_module.CheckpointError, match="damaged healing checkpoint.*delete it") as info:
+        heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
     assert "\n" not in str(info.value)
 
 

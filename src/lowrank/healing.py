@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "heal",
+    "CheckpointError",
     "trainable_parameters",
     "resolve_trainable",
     "distillation_loss",
@@ -86,6 +87,10 @@ CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
 _FORMAT = 1
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
+
+
+class CheckpointError(ValueError):
+    """A healing checkpoint that cannot be resumed from: damaged, or saved by another run."""
 
 
 def resolve_trainable(model: nn.Module, trainable: str = "auto") -> str:
@@ -352,11 +357,11 @@ class _Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(
-                f"{self.path}: damaged healing checkpoint ({exc}); delete it to start afresh"
+            raise CheckpointError(
+                f"{self.path}: damaged healing checkpoint ({type(exc).__name__}); delete it to start afresh"
             ) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.key:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.path} belongs to a healing run with a different configuration, data or model; "
                 "choose another checkpoint directory or delete it"
             )
@@ -399,7 +404,8 @@ def heal(
 
     Raises:
         ValueError: (one line) mismatched vocabularies, too few calibration sequences, nothing to train,
-            a checkpoint of another run, or a diverging loss.
+            or a diverging loss; :class:`CheckpointError` (a ``ValueError``) for a damaged checkpoint or
+            one of another run.
     """
     train_ids, heldout_ids = split_tokens(input_ids, config)
     if vocab_size(teacher) != vocab_size(model):
