@@ -155,8 +155,10 @@ def report(
         "(never trained on, used for early stopping; evaluated every 10 steps under the run's compute, "
         "the original's cross-entropy on them measured the same way), where 'reached at' is the first "
         "evaluation at or above the target (time pro rata). Target ≥ "
-        f"{target}. Ratios: svd-llm-v2 'removed' = share of the original parameters removed; KV % = cached "
-        "K/V numbers kept per token and layer; R/d = cached dimensions kept per KV head.",
+        f"{target}. 'KD weight, T, hidden' = the objective's `kd_weight`, `temperature` and "
+        "`hidden_weight` (0: logits only). Ratios: svd-llm-v2 'removed' = share of the original parameters "
+        "removed; KV % = cached K/V numbers kept per token and layer; R/d = cached dimensions kept per KV "
+        "head.",
         "",
         "| configuration | healing text | healing tokens | lr | compute | trains | KD weight, T, hidden "
         "| steps | wiki ppl before → after "
