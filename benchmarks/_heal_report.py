@@ -23,27 +23,26 @@ def _source(healed: dict[str, Any]) -> str:
     return healed.get("source", "corpus")
 
 
+_OBJECTIVE_LABELS = {"kd_weight": "KD weight", "temperature": "T", "hidden_weight": "hidden"}
+
+
 def objective_defaults() -> dict[str, float]:
-    """HealConfig's distillation objective (``kd_weight``, ``temperature``): what runs recorded before the
-    benchmark compared objectives used, and what result keys and labels leave out."""
+    """HealConfig's distillation objective (``kd_weight``, ``temperature``, ``hidden_weight``): what runs
+    recorded before the benchmark compared objectives used, and what result keys and labels leave out."""
     from lowrank.methods import HealConfig
 
-    return {"kd_weight": HealConfig.kd_weight, "temperature": HealConfig.temperature}
+    return {name: getattr(HealConfig, name) for name in _OBJECTIVE_LABELS}
 
 
-def _objective(healed: dict[str, Any]) -> tuple[float, float]:
-    """(KD weight, temperature) of a run."""
-    defaults = objective_defaults()
-    return healed.get("kd_weight", defaults["kd_weight"]), healed.get("temperature", defaults["temperature"])
+def _objective(healed: dict[str, Any]) -> dict[str, float]:
+    """The objective of a run (HealConfig's default for what it does not record)."""
+    return {name: healed.get(name, default) for name, default in objective_defaults().items()}
 
 
 def _objective_label(healed: dict[str, Any]) -> str:
-    defaults, (w, t) = objective_defaults(), _objective(healed)
+    defaults = objective_defaults()
     return "".join(
-        [
-            "" if w == defaults["kd_weight"] else f", KD weight {w:g}",
-            "" if t == defaults["temperature"] else f", T {t:g}",
-        ]
+        f", {_OBJECTIVE_LABELS[n]} {v:g}" for n, v in _objective(healed).items() if v != defaults[n]
     )
 
 
@@ -103,8 +102,7 @@ def rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
                     "compute_dtype": _compute(healed),
                     "trainable": d.get("trainable", "replaced"),
                     "source": _source(healed),
-                    "kd_weight": _objective(healed)[0],
-                    "temperature": _objective(healed)[1],
+                    **_objective(healed),
                     "tokens_trained": d["tokens_trained"],
                     "steps": d["steps"],
                     "stopped_early": d["steps"] < d["steps_planned"],
@@ -157,11 +155,13 @@ def report(
         "(never trained on, used for early stopping; evaluated every 10 steps under the run's compute, "
         "the original's cross-entropy on them measured the same way), where 'reached at' is the first "
         "evaluation at or above the target (time pro rata). Target ≥ "
-        f"{target}. Ratios: svd-llm-v2 'removed' = share of the original parameters removed; KV % = cached "
-        "K/V numbers kept per token and layer; R/d = cached dimensions kept per KV head.",
+        f"{target}. 'KD weight, T, hidden' = the objective's `kd_weight`, `temperature` and "
+        "`hidden_weight` (0: logits only). Ratios: svd-llm-v2 'removed' = share of the original parameters "
+        "removed; KV % = cached K/V numbers kept per token and layer; R/d = cached dimensions kept per KV "
+        "head.",
         "",
-        "| configuration | healing text | healing tokens | lr | compute | trains | KD weight, T | steps "
-        "| wiki ppl before → after "
+        "| configuration | healing text | healing tokens | lr | compute | trains | KD weight, T, hidden "
+        "| steps | wiki ppl before → after "
         "| recovered | shakespeare ppl before → after | recovered | held-out recovered "
         "| held-out target reached at | heal s | target wiki / shakespeare | structure unchanged |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -173,7 +173,8 @@ def report(
         lines.append(
             f"| {r['config']} | {'wiki' if r['source'] == 'corpus' else 'teacher-sampled'} | {tokens} | "
             f"{r['learning_rate']:g} | {r['compute_dtype']} | "
-            f"{r['trainable']} | {r['kd_weight']:g}, {r['temperature']:g} | {r['steps']} | "
+            f"{r['trainable']} | {r['kd_weight']:g}, {r['temperature']:g}, {r['hidden_weight']:g} | "
+            f"{r['steps']} | "
             f"{before['wiki']:.2f} → {after['wiki']:.2f} | {_f(rec['wiki'], '.3f')} | "
             f"{before['shakespeare']:.2f} → {after['shakespeare']:.2f} | "
             f"{_f(rec['shakespeare'], '.3f')} | {_f(r.get('heldout_recovered'), '.3f')} | {_reached(r)} | "

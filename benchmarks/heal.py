@@ -6,6 +6,7 @@
     python benchmarks/heal.py --report-only                    # rewrite the report from the partial file
     python benchmarks/heal.py --configs 0 --tokens 50000 --source teacher   # on text the original samples
     python benchmarks/heal.py --configs 0 --tokens 50000 --temperatures 1 2 --kd-weights 0.9 1  # objectives
+    python benchmarks/heal.py --configs 3 --tokens 50000 --hidden-weights 0 1   # with hidden-state matching
     python benchmarks/heal.py --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --heldout-sequences 2 --results-dir /tmp/heal_smoke  # smoke test
 
@@ -70,7 +71,8 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 TARGET = 0.5
-_SHORT = {"kd_weight": "kd", "temperature": "T"}  # the distillation objective's fields, in result keys
+# the distillation objective's fields, as result keys name them
+_SHORT = {"kd_weight": "kd", "temperature": "T", "hidden_weight": "h"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="distillation temperatures to compare (HealConfig.temperature)",
+    )
+    p.add_argument(
+        "--hidden-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="weights of the hidden-state term to compare (HealConfig.hidden_weight; 0: logits only)",
     )
     p.add_argument(
         "--precision",
@@ -221,7 +230,8 @@ class _Run:
         trainable: str = "replaced",
         objective: dict[str, float] | None = None,
     ):
-        """``HealConfig`` of one run; ``objective`` overrides ``kd_weight`` and ``temperature``."""
+        """``HealConfig`` of one run; ``objective`` overrides ``kd_weight``, ``temperature`` and
+        ``hidden_weight``."""
         from lowrank.methods import HealConfig
 
         overrides = _heal_overrides(self.args)  # in the settings a resumed run must match; the next is not
@@ -281,7 +291,7 @@ class _Run:
     ) -> dict[str, Any]:
         """Heal a copy of compressed model ``index`` (checkpointed in the work folder under ``key``: a
         ``--resume`` continues from the last checkpoint, a fresh run starts afresh) and measure it."""
-        from lowrank.healing import CHECKPOINT_FILE, heal
+        from lowrank.healing import CHECKPOINT_FILE, CheckpointError, heal
 
         compressed, _ = self.compressed(index)
         config = self.heal_config(tokens, learning_rate, trainable, objective)
@@ -291,7 +301,10 @@ class _Run:
         if not self.args.resume:
             (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
         start = time.perf_counter()
-        details = heal(student, self.model, ids, config, checkpoint_dir=checkpoints)
+        try:
+            details = heal(student, self.model, ids, config, checkpoint_dir=checkpoints)
+        except CheckpointError as e:  # only a --resume finds one: a fresh run deleted it above
+            raise SystemExit(f"{e}; or run without --resume to heal {key} afresh") from None
         wall = round(time.perf_counter() - start, 1)
         (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: the result goes into the partial
         with contextlib.suppress(OSError):  # file; a stray temporary file only keeps the empty folder
@@ -302,6 +315,7 @@ class _Run:
             "source": config.source,
             "kd_weight": config.kd_weight,
             "temperature": config.temperature,
+            "hidden_weight": config.hidden_weight,
             "sample_seconds": sample_seconds,
             # a run resumed from a checkpoint took its training time over several invocations
             "heal_seconds": wall if details["resumed_from_step"] == 0 else round(details["train_time_s"], 1),
@@ -325,10 +339,15 @@ def _key(
 
 
 def _objectives(args) -> list[dict[str, float]]:
-    """Every (kd_weight, temperature) pair to compare, HealConfig's defaults where not given."""
-    weights = args.kd_weights or [objective_defaults()["kd_weight"]]
-    temperatures = args.temperatures or [objective_defaults()["temperature"]]
-    return [{"kd_weight": w, "temperature": t} for w in weights for t in temperatures]
+    """Every (kd_weight, temperature, hidden_weight) to compare, HealConfig's defaults where not given."""
+    defaults = objective_defaults()
+    given = {
+        "kd_weight": args.kd_weights,
+        "temperature": args.temperatures,
+        "hidden_weight": args.hidden_weights,
+    }
+    choices = [given[n] or [defaults[n]] for n in given]
+    return [dict(zip(given, values, strict=True)) for values in itertools.product(*choices)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             HealConfig(teacher=args.model, **objective)
         except ValueError as e:
-            raise SystemExit(f"--kd-weights / --temperatures: {e}") from None
+            raise SystemExit(f"--kd-weights / --temperatures / --hidden-weights: {e}") from None
     settings = {
         "model": args.model,
         "calib_samples": args.calib_samples,

@@ -22,6 +22,7 @@ from lowrank.healing import (
     distillation_loss,
     fast_bfloat16,
     heal,
+    hidden_state_loss,
     resolve_trainable,
     trainable_parameters,
 )
@@ -101,6 +102,45 @@ def test_healing_lowers_training_and_heldout_loss(pair):
     assert [e["step"] for e in curve] == [0, *range(config.eval_every, 6, config.eval_every), 6]
     assert curve[0]["loss"] == details["heldout_loss_before"]
     assert min(e["loss"] for e in curve) == details["heldout_loss_after"]
+
+
+def _hidden(student, teacher, ids) -> float:
+    with torch.no_grad():
+        s = student(ids, output_hidden_states=True).hidden_states[1:]
+        t = teacher(ids, output_hidden_states=True).hidden_states[1:]
+    return float(hidden_state_loss(s, t))
+
+
+def test_the_hidden_state_error_is_relative_per_token_and_averaged_over_layers():
+    t = [torch.tensor([[[3.0, 4.0], [300.0, 400.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+    # layer 0: token errors 1²/25 and (100² + 100²)/250000 = 0.04 and 0.08; layer 1: 0 and 1/4
+    s = [t[0] + torch.tensor([[[1.0, 0.0], [100.0, 100.0]]]), t[1] + torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])]
+    assert float(hidden_state_loss(s, t)) == pytest.approx(((0.04 + 0.08) / 2 + 0.25 / 2) / 2)
+    assert float(hidden_state_loss(t, t)) == 0.0
+    scaled = [x * 1000 for x in s], [x * 1000 for x in t]
+    assert float(hidden_state_loss(*scaled)) == pytest.approx(float(hidden_state_loss(s, t)))
+    with pytest.raises(ValueError, match="got 2 and 1") as info:
+        hidden_state_loss(s, t[:1])
+    with pytest.raises(ValueError, match=r"got \(1, 2, 2\) \(student\) and \(1, 2, 3\)"):
+        hidden_state_loss(s[:1], [torch.zeros(1, 2, 3)])
+    assert "\n" not in str(info.value)
+
+
+def test_hidden_state_matching_heals_the_residual_stream(pair):
+    teacher, student = pair
+    ids, heldout = _ids(), _ids()[-8:]
+    logits_only = heal(copy.deepcopy(student), teacher, ids, _config(), progress=False)
+    assert logits_only["heldout_hidden_before"] == logits_only["heldout_hidden_after"] == 0.0  # not computed
+    before = _hidden(student, teacher, heldout)
+    details = heal(student, teacher, ids, _config(hidden_weight=1.0), progress=False)
+    assert details["heldout_hidden_before"] == pytest.approx(before, rel=1e-5)
+    assert details["heldout_hidden_after"] == pytest.approx(_hidden(student, teacher, heldout), rel=1e-5)
+    assert details["heldout_hidden_after"] < details["heldout_hidden_before"]
+    # the held-out loss is the whole objective: KL (kd_weight 1) plus the hidden-state term
+    assert details["heldout_loss_after"] == pytest.approx(
+        _kl(student, teacher, heldout) + details["heldout_hidden_after"], rel=1e-5
+    )
+    assert details["heldout_loss_before"] > logits_only["heldout_loss_before"]
 
 
 def test_bfloat16_autocast_heals_while_parameters_stay_float32(pair):
@@ -219,8 +259,12 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path
     assert {k: v for k, v in details.items() if k not in volatile} == {
         k: v for k, v in expected.items() if k not in volatile
     }
-    with pytest.raises(ValueError, match="different configuration") as info:
+    with pytest.raises(heal_module.CheckpointError, match="different configuration") as info:
         heal(copy.deepcopy(student), teacher, ids, _config(learning_rate=1e-4), checkpoint_dir=tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / heal_module.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(heal_module.CheckpointError, match="damaged healing checkpoint.*delete it") as info:
+        heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
     assert "\n" not in str(info.value)
 
 
@@ -242,6 +286,8 @@ def test_early_stopping_keeps_the_best_heldout_state(pair):
         ({"learning_rate": float("nan")}, "got nan"),
         ({"kd_weight": 1.5}, "got 1.5"),
         ({"temperature": 0}, "got 0"),
+        ({"hidden_weight": -1.0}, "got -1.0"),
+        ({"hidden_weight": float("inf")}, "got inf"),
         ({"trainable": "norms"}, "got 'norms'"),
         ({"precision": "float16"}, "got 'float16'"),
         ({"teacher": ""}, "got ''"),

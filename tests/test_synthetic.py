@@ -91,6 +91,18 @@ def test_other_weights_or_settings_get_their_own_sequences(model, tmp_path):
     assert len(list(tmp_path.glob("*.pt"))) == 3
 
 
+def test_damaged_or_foreign_stored_sequences_are_one_line_errors(model, tmp_path):
+    teacher_sequences(model, 2, 8, batch_size=2, directory=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*.pt")
+    path.write_bytes(b"half a file")
+    with pytest.raises(ValueError, match="damaged stored sequences.*remove it to sample again") as info:
+        teacher_sequences(model, 2, 8, batch_size=2, directory=tmp_path, progress=False)
+    assert "\n" not in str(info.value)
+    torch.save(torch.zeros(2, 5, dtype=torch.long), path)
+    with pytest.raises(ValueError, match=r"does not hold \(n, 8\) token ids"):
+        teacher_sequences(model, 2, 8, batch_size=2, directory=tmp_path, progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, shown",
     [

@@ -5,6 +5,10 @@ the teacher run under ``no_grad`` on the same batch (its logits are never cached
 memory does not grow with the number of tokens):
 
     L = w · T² · KL(softmax(z_teacher / T) ‖ softmax(z_student / T)) + (1 − w) · CE(z_student, next token)
+        + λ · mean over layers ℓ and tokens of ‖h_student,ℓ − h_teacher,ℓ‖² / ‖h_teacher,ℓ‖²
+
+where the last term (``hidden_weight`` λ, off by default) matches the residual stream after every decoder
+layer as well as the logits (feature distillation).
 
 The forward and backward passes run under bfloat16 autocast where the device multiplies bfloat16 fast
 (``precision='auto'``; the parameters and the optimizer state stay in their own dtype) and in float32
@@ -24,6 +28,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,9 +48,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "heal",
+    "CheckpointError",
     "trainable_parameters",
     "resolve_trainable",
     "distillation_loss",
+    "hidden_state_loss",
     "split_tokens",
     "autocast_dtype",
     "fast_bfloat16",
@@ -80,6 +87,10 @@ CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
 _FORMAT = 1
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
+
+
+class CheckpointError(ValueError):
+    """A healing checkpoint that cannot be resumed from: damaged, or saved by another run."""
 
 
 def resolve_trainable(model: nn.Module, trainable: str = "auto") -> str:
@@ -175,6 +186,34 @@ def distillation_loss(
     return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
 
 
+def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Relative squared error of the residual stream, in float32: the mean over layers and tokens of
+    ``‖h_s − h_t‖² / ‖h_t‖²``, each token measured against its own norm in the teacher (so the few tokens
+    with massive activations weigh no more than the rest).
+
+    Args:
+        student, teacher: hidden states after every decoder layer, one ``(batch, seq, hidden)`` tensor
+            a layer (``output_hidden_states`` without the embeddings; transformers gives the last one after
+            the final norm), the same count and shapes.
+    """
+    if len(student) != len(teacher) or not student:
+        raise ValueError(
+            f"hidden-state distillation needs as many decoder layers in the student as in the teacher; "
+            f"got {len(student)} and {len(teacher)}"
+        )
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher, strict=True):
+        if s.shape != t.shape:
+            raise ValueError(
+                f"hidden-state distillation needs equal hidden states; got {tuple(s.shape)} (student) "
+                f"and {tuple(t.shape)} (teacher)"
+            )
+        t = t.float()
+        norm = t.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        total = total + ((s.float() - t).pow(2).sum(-1) / norm).mean()
+    return total / len(student)
+
+
 def fast_bfloat16(device: torch.device | str) -> bool:
     """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX)."""
     device = torch.device(device)
@@ -196,15 +235,25 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 
 
 def _batch_loss(model, teacher, ids, config: HealConfig, amp: torch.dtype | None):
-    teacher_logits = None
+    """``(loss, kl, ce, hidden)`` of one batch: the objective and its three terms (unweighted)."""
+    hidden = config.hidden_weight > 0
+    target = None
     with torch.autocast(ids.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        if config.kd_weight > 0:
+        if config.kd_weight > 0 or hidden:
             with torch.no_grad():
-                teacher_logits = teacher(ids, use_cache=False).logits
-        logits = model(ids, use_cache=False).logits
-    return distillation_loss(
-        logits, teacher_logits, ids, temperature=config.temperature, kd_weight=config.kd_weight
+                target = teacher(ids, use_cache=False, output_hidden_states=hidden)
+        out = model(ids, use_cache=False, output_hidden_states=hidden)
+    loss, kl, ce = distillation_loss(
+        out.logits,
+        target.logits if config.kd_weight > 0 else None,
+        ids,
+        temperature=config.temperature,
+        kd_weight=config.kd_weight,
     )
+    if not hidden:
+        return loss, kl, ce, torch.zeros_like(loss)
+    feature = hidden_state_loss(out.hidden_states[1:], target.hidden_states[1:])
+    return loss + config.hidden_weight * feature, kl, ce, feature
 
 
 def _train_step(
@@ -212,7 +261,7 @@ def _train_step(
 ) -> float:
     """One optimizer step on the batch ``ids``; returns its loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss, _, _ = _batch_loss(model, teacher, ids, config, amp)
+    loss, *_ = _batch_loss(model, teacher, ids, config, amp)
     if not torch.isfinite(loss):
         raise ValueError(f"healing diverged (loss {float(loss)}); lower the learning rate")
     loss.backward()
@@ -223,13 +272,14 @@ def _train_step(
 
 @torch.no_grad()
 def _evaluate(model, teacher, ids: torch.Tensor, config: HealConfig, amp) -> dict[str, float]:
-    """Mean held-out loss, KL and cross-entropy over ``ids`` (batches of ``batch_size``)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    """Mean held-out loss, KL, cross-entropy and hidden-state error over ``ids`` (batches of
+    ``batch_size``)."""
+    totals = torch.zeros(4, dtype=torch.float64)
     for chunk in ids.split(config.batch_size):
         parts = _batch_loss(model, teacher, chunk, config, amp)
         totals += torch.tensor([float(p) for p in parts], dtype=torch.float64) * len(chunk)
-    loss, kl, ce = (totals / len(ids)).tolist()
-    return {"heldout_loss": loss, "heldout_kl": kl, "heldout_ce": ce}
+    loss, kl, ce, hidden = (totals / len(ids)).tolist()
+    return {"heldout_loss": loss, "heldout_kl": kl, "heldout_ce": ce, "heldout_hidden": hidden}
 
 
 def _lr_at(step: int, steps: int, peak: float) -> float:
@@ -307,11 +357,11 @@ class _Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(
-                f"{self.path}: damaged healing checkpoint ({exc}); delete it to start afresh"
+            raise CheckpointError(
+                f"{self.path}: damaged healing checkpoint ({type(exc).__name__}); delete it to start afresh"
             ) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.key:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.path} belongs to a healing run with a different configuration, data or model; "
                 "choose another checkpoint directory or delete it"
             )
@@ -354,7 +404,8 @@ def heal(
 
     Raises:
         ValueError: (one line) mismatched vocabularies, too few calibration sequences, nothing to train,
-            a checkpoint of another run, or a diverging loss.
+            or a diverging loss; :class:`CheckpointError` (a ``ValueError``) for a damaged checkpoint or
+            one of another run.
     """
     train_ids, heldout_ids = split_tokens(input_ids, config)
     if vocab_size(teacher) != vocab_size(model):
@@ -486,6 +537,8 @@ def _details(state: _Progress, config, train_ids, params, last, resumed_at, amp,
         "heldout_kl_after": _sig(best["heldout_kl"]),
         "heldout_ce_before": _sig(first["heldout_ce"]),
         "heldout_ce_after": _sig(best["heldout_ce"]),
+        "heldout_hidden_before": _sig(first.get("heldout_hidden", 0.0)),
+        "heldout_hidden_after": _sig(best.get("heldout_hidden", 0.0)),
         "best_step": best["step"],
         "loss_curve": [_sig(x, 4) for x in state.losses[::stride]],
         "heldout_curve": [

@@ -166,7 +166,12 @@ def teacher_sequences(
     path = directory / f"{key}.pt"
     stored = torch.empty(0, seq_len, dtype=torch.long)
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ValueError(
+                f"{path}: damaged stored sequences ({type(exc).__name__}); remove it to sample again"
+            ) from None
         if not isinstance(stored, torch.Tensor) or stored.ndim != 2 or stored.shape[1] != seq_len:
             raise ValueError(f"{path} does not hold (n, {seq_len}) token ids; remove it to sample again")
     if len(stored) >= samples:

@@ -89,6 +89,10 @@ class HealConfig(MethodConfig):
     """Distillation temperature T (the KL term is scaled by T²)."""
     kd_weight: float = 0.9
     """Weight w of the distillation term, in [0, 1]; 1 − w goes to next-token cross-entropy."""
+    hidden_weight: float = 0.0
+    """Weight λ ≥ 0 of a hidden-state term added to the objective: the residual stream after every decoder
+    layer learns the teacher's (relative squared error per token, ``lowrank.healing.hidden_state_loss``);
+    0 (off): logits only."""
     heldout_sequences: int = 8
     """Calibration sequences kept out of training to measure the held-out loss."""
     eval_every: int = 10
@@ -124,6 +128,8 @@ class HealConfig(MethodConfig):
             raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
         if not _number(self.kd_weight) or not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1]; got {self.kd_weight!r}")
+        if not _number(self.hidden_weight) or self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be a number >= 0; got {self.hidden_weight!r}")
         if not _number(self.checkpoint_minutes) or not self.checkpoint_minutes >= 0:
             raise ValueError(f"checkpoint_minutes must be >= 0; got {self.checkpoint_minutes!r}")
         if self.precision not in PRECISIONS:
