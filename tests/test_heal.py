@@ -259,9 +259,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path
     assert {k: v for k, v in details.items() if k not in volatile} == {
         k: v for k, v in expected.items() if k not in volatile
     }
-    with pytest.raises(heal_module.CheckpointError, match="different configuration") as info:
+    with pytest.raises(heal_module.CheckpointError, match="another healing run") as info:
         heal(copy.deepcopy(student), teacher, ids, _config(learning_rate=1e-4), checkpoint_dir=tmp_path)
+    # the refusal names what differs, here the learning rate as configured and as used
+    assert "learning_rate: 0.0003 there, 0.0001 here" in str(info.value)
+    assert "peak_learning_rate: 0.0003 there, 0.0001 here" in str(info.value)
     assert "\n" not in str(info.value)
+    with pytest.raises(heal_module.CheckpointError, match="other training text or starting weights"):
+        heal(copy.deepcopy(student), teacher, ids.flip(0), config, checkpoint_dir=tmp_path)
     (tmp_path / heal_module.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(heal_module.CheckpointError, match="damaged healing checkpoint.*delete it") as info:
         heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)

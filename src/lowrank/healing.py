@@ -333,9 +333,10 @@ class _Progress:
 class _Checkpoint:
     """One file holding the trainable state, optimizer, best state and progress, replaced atomically."""
 
-    def __init__(self, directory: Path | None, key: str) -> None:
+    def __init__(self, directory: Path | None, key: str, settings: dict[str, Any]) -> None:
         self.path = None if directory is None else Path(directory) / CHECKPOINT_FILE
         self.key = key
+        self.settings = settings  # saved with the state, to say what differs when a resume is refused
 
     def save(self, params, optimizer, best, progress: _Progress) -> None:
         if self.path is None:
@@ -343,6 +344,7 @@ class _Checkpoint:
         state = {
             "format": _FORMAT,
             "fingerprint": self.key,
+            "settings": self.settings,
             "params": {n: p.detach().cpu().clone() for n, p in params.items()},
             "best": {n: t.cpu() for n, t in best.items()},
             "optimizer": optimizer.state_dict(),
@@ -362,8 +364,8 @@ class _Checkpoint:
             ) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.key:
             raise CheckpointError(
-                f"{self.path} belongs to a healing run with a different configuration, data or model; "
-                "choose another checkpoint directory or delete it"
+                f"{self.path} belongs to another healing run ({self._difference(state)}); choose another "
+                "checkpoint directory or delete it"
             )
         with torch.no_grad():
             for name, p in params.items():
@@ -373,6 +375,30 @@ class _Checkpoint:
         progress = _Progress(**state["progress"])
         logger.info("resuming healing from %s at step %d", self.path, progress.step)
         return progress
+
+    def _difference(self, state: Any) -> str:
+        """What sets the run of a refused checkpoint apart from this one, in words."""
+        saved = state.get("settings") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            return "a different configuration, data or model"
+        there, here = _flat(saved), _flat(self.settings)
+        changed = [
+            f"{k}: {there.get(k)!r} there, {here.get(k)!r} here"
+            for k in here.keys() | there.keys()
+            if there.get(k) != here.get(k)
+        ]
+        return "; ".join(sorted(changed)) or "other training text or starting weights"
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"calibration": {"seq_len": 512}}`` → ``{"calibration.seq_len": 512}``."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def heal(
@@ -448,15 +474,10 @@ def _fit(
     model, teacher, train_ids, heldout_ids, params, config: HealConfig, amp, lr, checkpoint_dir, progress
 ):
     start = time.perf_counter()
-    key = fingerprint(
-        {k: v for k, v in config.to_dict().items() if k != "checkpoint_minutes"},
-        str(amp),
-        lr,
-        train_ids,
-        heldout_ids,
-        *params.values(),
-    )
-    ckpt = _Checkpoint(checkpoint_dir, key)
+    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint_minutes"}
+    settings.update(compute="float32" if amp is None else dtype_name(amp), peak_learning_rate=lr)
+    key = fingerprint(settings, train_ids, heldout_ids, *params.values())
+    ckpt = _Checkpoint(checkpoint_dir, key, settings)
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     best = {n: p.detach().clone() for n, p in params.items()}
     order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
