@@ -474,7 +474,9 @@ def _fit(
     model, teacher, train_ids, heldout_ids, params, config: HealConfig, amp, lr, checkpoint_dir, progress
 ):
     start = time.perf_counter()
-    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint_minutes"}
+    # what the run computes: the resolved compute dtype, not the precision asked for ('auto' resolves per
+    # machine), and the learning rate used
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_minutes", "precision")}
     settings.update(compute="float32" if amp is None else dtype_name(amp), peak_learning_rate=lr)
     key = fingerprint(settings, train_ids, heldout_ids, *params.values())
     ckpt = _Checkpoint(checkpoint_dir, key, settings)
