@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _tiny import save_tiny_model_dir, tiny_text, tiny_tokenizer
 from conftest import make_tiny_model, random_tokens
 
@@ -103,6 +104,36 @@ def test_healing_lowers_training_and_heldout_loss(pair):
     assert [e["step"] for e in curve] == [0, *range(config.eval_every, 6, config.eval_every), 6]
     assert curve[0]["loss"] == details["heldout_loss_before"]
     assert min(e["loss"] for e in curve) == details["heldout_loss_after"]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 14, 1000])  # a token a chunk, a remainder, exactly one, less
+@pytest.mark.parametrize("kd_weight", [0.0, 0.9])
+def test_the_chunked_loss_equals_the_loss_over_the_whole_batch(rows, kd_weight):
+    batch, seq, vocab, T = 2, 7, 11, 2.0
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 3
+    teacher = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 3
+    ids = torch.randint(vocab, (batch, seq), generator=gen)
+    # the objective written out over the whole batch
+    z = logits.clone().requires_grad_(True)
+    ce = F.cross_entropy(z[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    log_s, log_t = F.log_softmax(z / T, -1), F.log_softmax(teacher / T, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * T * T
+    expected = kd_weight * kl + (1 - kd_weight) * ce
+    expected.backward()
+    # in chunks of `rows` tokens (4 bytes a logit)
+    chunked = logits.clone().requires_grad_(True)
+    loss, got_kl, got_ce = distillation_loss(
+        chunked, teacher, ids, temperature=T, kd_weight=kd_weight, chunk_bytes=4 * vocab * rows
+    )
+    loss.backward()
+    torch.testing.assert_close(got_ce.double(), ce.detach(), rtol=1e-5, atol=1e-6)
+    if kd_weight:
+        torch.testing.assert_close(got_kl.double(), kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.grad, z.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="at least 2 tokens; got 1"):
+        distillation_loss(logits[:, :1], teacher[:, :1], ids[:, :1], temperature=T, kd_weight=kd_weight)
 
 
 def _hidden(student, teacher, ids) -> float:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from lowrank.dtypes import dtype_name
@@ -85,6 +86,10 @@ CODEC_LEARNING_RATE = 1e-5
 (benchmarks/results/heal_cpu.md)."""
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
+LOSS_CHUNK_BYTES = 256 * 2**20
+"""Float32 logits per chunk of the loss (:func:`distillation_loss`): 1,365 tokens of a 49,152-token
+vocabulary, 256 of a 262,144-token one."""
+_IGNORE = -100  # cross-entropy target of the positions without a next token
 _FORMAT = 1
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
 
@@ -163,27 +168,60 @@ def distillation_loss(
     *,
     temperature: float,
     kd_weight: float,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Healing objective of one batch, in float32.
+    """Healing objective of one batch, in float32, over chunks of tokens.
+
+    The float32 work (log-softmax of both distributions, the KL and the cross-entropy) runs over chunks of
+    at most ``chunk_bytes`` of float32 logits each; when the student's logits need a gradient, each chunk
+    is recomputed in the backward pass instead of kept (activation checkpointing), so the loss adds
+    memory of one chunk rather than several copies of batch × seq × vocab float32 numbers.
 
     Args:
         student, teacher: logits ``(batch, seq, vocab)``; ``teacher`` may be None when ``kd_weight`` is 0.
         ids: the input token ids ``(batch, seq)`` (next-token targets are ``ids[:, 1:]``).
+        chunk_bytes: float32 bytes of logits per chunk (default :data:`LOSS_CHUNK_BYTES`).
 
     Returns:
         ``(loss, kl, ce)``: ``kd_weight · T² · KL + (1 − kd_weight) · CE``, the per-token
         KL(teacher ‖ student) at temperature T (times T²) and the next-token cross-entropy.
     """
-    z = student.float()
-    ce = F.cross_entropy(z[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    if teacher is None or kd_weight == 0:
-        kl = z.new_zeros(())
-    else:
-        T = temperature
-        log_s = F.log_softmax(z / T, dim=-1).flatten(0, 1)
-        log_t = F.log_softmax(teacher.float() / T, dim=-1).flatten(0, 1)
-        kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (T * T)
+    batch, seq, vocab = student.shape
+    chunk_bytes = LOSS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive integer; got {chunk_bytes!r}")
+    if seq < 2:
+        raise ValueError(f"the healing loss needs sequences of at least 2 tokens; got {seq}")
+    use_teacher = teacher is not None and kd_weight != 0
+    targets = torch.full_like(ids, _IGNORE)
+    targets[:, :-1] = ids[:, 1:]  # the last position has no next token: it counts for the KL only
+    flat_s, flat_y = student.flatten(0, 1), targets.flatten()
+    flat_t = teacher.flatten(0, 1) if use_teacher else None
+    rows = max(1, chunk_bytes // (4 * vocab))
+    recompute = torch.is_grad_enabled() and student.requires_grad and len(flat_s) > rows
+    kl_sum = ce_sum = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(flat_s), rows):
+        part = slice(start, start + rows)
+        args = (flat_s[part], None if flat_t is None else flat_t[part], flat_y[part], float(temperature))
+        kl, ce = checkpoint(_chunk_terms, *args, use_reentrant=False) if recompute else _chunk_terms(*args)
+        kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
+    kl = kl_sum * (temperature * temperature) / (batch * seq)
+    ce = ce_sum / (batch * (seq - 1))
     return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
+
+
+def _chunk_terms(
+    student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(teacher ‖ student) at temperature T (not yet times T²) and summed next-token
+    cross-entropy of one chunk of ``(tokens, vocab)`` logits, in float32."""
+    z = student.float()
+    ce = F.cross_entropy(z, targets, ignore_index=_IGNORE, reduction="sum")
+    if teacher is None:
+        return z.new_zeros(()), ce
+    log_s = F.log_softmax(z / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="sum"), ce
 
 
 def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
