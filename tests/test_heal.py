@@ -107,9 +107,9 @@ def test_healing_lowers_training_and_heldout_loss(pair):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 14, 1000])  # a token a chunk, a remainder, exactly one, less
-@pytest.mark.parametrize("kd_weight", [0.0, 0.9])
-def test_the_chunked_loss_equals_the_loss_over_the_whole_batch(rows, kd_weight):
-    batch, seq, vocab, T = 2, 7, 11, 2.0
+@pytest.mark.parametrize(("kd_weight", "T"), [(0.0, 1.0), (0.9, 1.0), (0.9, 2.0), (1.0, 0.5)])
+def test_the_chunked_loss_and_its_gradient_equal_autograd_over_the_whole_batch(rows, kd_weight, T):
+    batch, seq, vocab = 2, 7, 11
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 3
     teacher = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 3
@@ -120,18 +120,20 @@ def test_the_chunked_loss_equals_the_loss_over_the_whole_batch(rows, kd_weight):
     log_s, log_t = F.log_softmax(z / T, -1), F.log_softmax(teacher / T, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * T * T
     expected = kd_weight * kl + (1 - kd_weight) * ce
-    expected.backward()
+    (expected * 0.5).backward()  # a scaled loss: the upstream gradient is not 1
     # in chunks of `rows` tokens (4 bytes a logit)
     chunked = logits.clone().requires_grad_(True)
     loss, got_kl, got_ce = distillation_loss(
         chunked, teacher, ids, temperature=T, kd_weight=kd_weight, chunk_bytes=4 * vocab * rows
     )
-    loss.backward()
+    (loss * 0.5).backward(retain_graph=True)
     torch.testing.assert_close(got_ce.double(), ce.detach(), rtol=1e-5, atol=1e-6)
     if kd_weight:
         torch.testing.assert_close(got_kl.double(), kl.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.grad, z.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
     with pytest.raises(ValueError, match="at least 2 tokens; got 1"):
         distillation_loss(logits[:, :1], teacher[:, :1], ids[:, :1], temperature=T, kd_weight=kd_weight)
 

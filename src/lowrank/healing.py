@@ -8,7 +8,9 @@ memory does not grow with the number of tokens):
         + λ · mean over layers ℓ and tokens of ‖h_student,ℓ − h_teacher,ℓ‖² / ‖h_teacher,ℓ‖²
 
 where the last term (``hidden_weight`` λ, off by default) matches the residual stream after every decoder
-layer as well as the logits (feature distillation).
+layer as well as the logits (feature distillation). The logit terms run over chunks of tokens, each with
+its gradient in closed form (:func:`distillation_loss`): the loss holds the gradient of the logits and a
+few chunks of float32 work, not several float32 copies of batch × seq × vocab.
 
 The forward and backward passes run under bfloat16 autocast where the device multiplies bfloat16 fast
 (``precision='auto'``; the parameters and the optimizer state stay in their own dtype) and in float32
@@ -36,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from lowrank.dtypes import dtype_name
@@ -86,9 +87,10 @@ CODEC_LEARNING_RATE = 1e-5
 (benchmarks/results/heal_cpu.md)."""
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
-LOSS_CHUNK_BYTES = 256 * 2**20
-"""Float32 logits per chunk of the loss (:func:`distillation_loss`): 1,365 tokens of a 49,152-token
-vocabulary, 256 of a 262,144-token one."""
+LOSS_CHUNK_BYTES = 64 * 2**20
+"""Bytes of float32 logits per chunk of the loss (:func:`distillation_loss`): 341 tokens of a 49,152-token
+vocabulary, 64 of a 262,144-token one. The loss then adds about six chunks of temporaries to the logits'
+gradient, whatever the batch (benchmarks/results/heal_loss_cpu.md)."""
 _IGNORE = -100  # cross-entropy target of the positions without a next token
 _FORMAT = 1
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
@@ -172,10 +174,11 @@ def distillation_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Healing objective of one batch, in float32, over chunks of tokens.
 
-    The float32 work (log-softmax of both distributions, the KL and the cross-entropy) runs over chunks of
-    at most ``chunk_bytes`` of float32 logits each; when the student's logits need a gradient, each chunk
-    is recomputed in the backward pass instead of kept (activation checkpointing), so the loss adds
-    memory of one chunk rather than several copies of batch × seq × vocab float32 numbers.
+    The float32 work over the vocabulary (log-softmax of both distributions, the KL, the cross-entropy)
+    runs over chunks of at most ``chunk_bytes`` of float32 logits, and each chunk's gradient with respect
+    to the student's logits is computed there and then in closed form (``T · (softmax(z / T) − p_teacher)``
+    for the KL term, ``softmax(z) − onehot(next token)`` for the cross-entropy), so backward keeps one
+    gradient the size of the logits instead of several float32 copies of batch × seq × vocab.
 
     Args:
         student, teacher: logits ``(batch, seq, vocab)``; ``teacher`` may be None when ``kd_weight`` is 0.
@@ -184,44 +187,74 @@ def distillation_loss(
 
     Returns:
         ``(loss, kl, ce)``: ``kd_weight · T² · KL + (1 − kd_weight) · CE``, the per-token
-        KL(teacher ‖ student) at temperature T (times T²) and the next-token cross-entropy.
+        KL(teacher ‖ student) at temperature T (times T²) and the next-token cross-entropy; only ``loss``
+        carries a gradient.
     """
     batch, seq, vocab = student.shape
     chunk_bytes = LOSS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    if chunk_bytes < 1:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive integer; got {chunk_bytes!r}")
     if seq < 2:
         raise ValueError(f"the healing loss needs sequences of at least 2 tokens; got {seq}")
-    use_teacher = teacher is not None and kd_weight != 0
     targets = torch.full_like(ids, _IGNORE)
     targets[:, :-1] = ids[:, 1:]  # the last position has no next token: it counts for the KL only
-    flat_s, flat_y = student.flatten(0, 1), targets.flatten()
-    flat_t = teacher.flatten(0, 1) if use_teacher else None
-    rows = max(1, chunk_bytes // (4 * vocab))
-    recompute = torch.is_grad_enabled() and student.requires_grad and len(flat_s) > rows
-    kl_sum = ce_sum = student.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(flat_s), rows):
-        part = slice(start, start + rows)
-        args = (flat_s[part], None if flat_t is None else flat_t[part], flat_y[part], float(temperature))
-        kl, ce = checkpoint(_chunk_terms, *args, use_reentrant=False) if recompute else _chunk_terms(*args)
-        kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
-    kl = kl_sum * (temperature * temperature) / (batch * seq)
-    ce = ce_sum / (batch * (seq - 1))
-    return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
+    use_teacher = teacher is not None and kd_weight != 0
+    return _Distillation.apply(
+        student.flatten(0, 1),
+        teacher.flatten(0, 1) if use_teacher else None,
+        targets.flatten(),
+        float(temperature),
+        float(kd_weight) if use_teacher else 0.0,
+        max(1, chunk_bytes // (4 * vocab)),
+        batch * (seq - 1),
+    )
 
 
-def _chunk_terms(
-    student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KL(teacher ‖ student) at temperature T (not yet times T²) and summed next-token
-    cross-entropy of one chunk of ``(tokens, vocab)`` logits, in float32."""
-    z = student.float()
-    ce = F.cross_entropy(z, targets, ignore_index=_IGNORE, reduction="sum")
-    if teacher is None:
-        return z.new_zeros(()), ce
-    log_s = F.log_softmax(z / temperature, dim=-1)
-    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="sum"), ce
+class _Distillation(torch.autograd.Function):
+    """The healing loss over ``(tokens, vocab)`` logits, chunk by chunk, its gradient computed forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, temperature, kd_weight, rows, n_ce):
+        T, n_kl = temperature, len(targets)
+        ce_scale, kl_scale = (1.0 - kd_weight) / n_ce, kd_weight * T / n_kl  # d loss / d logits factors
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        kl = student.new_zeros((), dtype=torch.float32)
+        ce = student.new_zeros((), dtype=torch.float32)
+        with torch.autocast(student.device.type, enabled=False):
+            for start in range(0, n_kl, rows):
+                part = slice(start, start + rows)
+                z, y = student[part].float(), targets[part]
+                valid = (y != _IGNORE).float()
+                y = y.clamp_min(0)[:, None]
+                log_p = F.log_softmax(z, dim=-1)
+                ce -= (log_p.gather(1, y).squeeze(1) * valid).sum()
+                if teacher is not None:
+                    log_s = log_p if T == 1.0 else F.log_softmax(z / T, dim=-1)
+                    log_t = F.log_softmax(teacher[part].float() / T, dim=-1)
+                    p_t = log_t.exp()
+                    kl += (p_t * (log_t - log_s)).sum()
+                if grad is None:
+                    continue
+                # cross-entropy: softmax(z) − onehot(y), on positions with a next token
+                p = log_p.exp_()
+                g = p * (valid * ce_scale)[:, None]
+                g.scatter_add_(1, y, (valid * -ce_scale)[:, None])
+                if teacher is not None:  # T² · KL at temperature T: T · (softmax(z / T) − p_teacher)
+                    p_s = p if T == 1.0 else log_s.exp_()
+                    g += (p_s - p_t) * kl_scale
+                grad[part] = g
+        kl, ce = kl * (T * T) / n_kl, ce / n_ce
+        ctx.grad = grad  # an intermediate, not an input or output: kept on ctx, handed over once
+        ctx.mark_non_differentiable(kl, ce)
+        return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the healing loss was already backpropagated; it holds one gradient")
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None, None
 
 
 def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
