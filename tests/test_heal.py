@@ -4,10 +4,12 @@ resumes bit for bit after an interruption, and refuses bad settings in one line.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _tiny import save_tiny_model_dir, tiny_text, tiny_tokenizer
 from conftest import make_tiny_model, random_tokens
 
@@ -102,6 +104,38 @@ def test_healing_lowers_training_and_heldout_loss(pair):
     assert [e["step"] for e in curve] == [0, *range(config.eval_every, 6, config.eval_every), 6]
     assert curve[0]["loss"] == details["heldout_loss_before"]
     assert min(e["loss"] for e in curve) == details["heldout_loss_after"]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 14, 1000])  # a token a chunk, a remainder, exactly one, less
+@pytest.mark.parametrize(("kd_weight", "T"), [(0.0, 1.0), (0.9, 1.0), (0.9, 2.0), (1.0, 0.5)])
+def test_the_chunked_loss_and_its_gradient_equal_autograd_over_the_whole_batch(rows, kd_weight, T):
+    batch, seq, vocab = 2, 7, 11
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 3
+    teacher = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 3
+    ids = torch.randint(vocab, (batch, seq), generator=gen)
+    # the objective written out over the whole batch
+    z = logits.clone().requires_grad_(True)
+    ce = F.cross_entropy(z[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    log_s, log_t = F.log_softmax(z / T, -1), F.log_softmax(teacher / T, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * T * T
+    expected = kd_weight * kl + (1 - kd_weight) * ce
+    (expected * 0.5).backward()  # a scaled loss: the upstream gradient is not 1
+    # in chunks of `rows` tokens (4 bytes a logit)
+    chunked = logits.clone().requires_grad_(True)
+    loss, got_kl, got_ce = distillation_loss(
+        chunked, teacher, ids, temperature=T, kd_weight=kd_weight, chunk_bytes=4 * vocab * rows
+    )
+    (loss * 0.5).backward(retain_graph=True)
+    torch.testing.assert_close(got_ce.double(), ce.detach(), rtol=1e-5, atol=1e-6)
+    if kd_weight:
+        torch.testing.assert_close(got_kl.double(), kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.grad, z.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+    with pytest.raises(ValueError, match="at least 2 tokens; got 1"):
+        distillation_loss(logits[:, :1], teacher[:, :1], ids[:, :1], temperature=T, kd_weight=kd_weight)
 
 
 def _hidden(student, teacher, ids) -> float:
@@ -250,8 +284,11 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path
     with pytest.raises(KeyboardInterrupt):
         heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
     monkeypatch.setattr(heal_module, "_train_step", real_step)
+    # resumed where precision 'auto' means float32 too: the compute is what must match, not the words
+    monkeypatch.setattr(heal_module, "fast_bfloat16", lambda device: False)
     resumed = copy.deepcopy(student)
-    details = heal(resumed, teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
+    auto = dataclasses.replace(config, precision="auto")
+    details = heal(resumed, teacher, ids, auto, checkpoint_dir=tmp_path, progress=False)
     assert details["resumed_from_step"] == 3
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
@@ -259,9 +296,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path
     assert {k: v for k, v in details.items() if k not in volatile} == {
         k: v for k, v in expected.items() if k not in volatile
     }
-    with pytest.raises(heal_module.CheckpointError, match="different configuration") as info:
+    with pytest.raises(heal_module.CheckpointError, match="another healing run") as info:
         heal(copy.deepcopy(student), teacher, ids, _config(learning_rate=1e-4), checkpoint_dir=tmp_path)
+    # the refusal names what differs, here the learning rate as configured and as used
+    assert "learning_rate: 0.0003 there, 0.0001 here" in str(info.value)
+    assert "peak_learning_rate: 0.0003 there, 0.0001 here" in str(info.value)
     assert "\n" not in str(info.value)
+    with pytest.raises(heal_module.CheckpointError, match="other training text or starting weights"):
+        heal(copy.deepcopy(student), teacher, ids.flip(0), config, checkpoint_dir=tmp_path)
     (tmp_path / heal_module.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(heal_module.CheckpointError, match="damaged healing checkpoint.*delete it") as info:
         heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)

@@ -8,7 +8,9 @@ memory does not grow with the number of tokens):
         + λ · mean over layers ℓ and tokens of ‖h_student,ℓ − h_teacher,ℓ‖² / ‖h_teacher,ℓ‖²
 
 where the last term (``hidden_weight`` λ, off by default) matches the residual stream after every decoder
-layer as well as the logits (feature distillation).
+layer as well as the logits (feature distillation). The logit terms run over chunks of tokens, each with
+its gradient in closed form (:func:`distillation_loss`): the loss holds the gradient of the logits and a
+few chunks of float32 work, not several float32 copies of batch × seq × vocab.
 
 The forward and backward passes run under bfloat16 autocast where the device multiplies bfloat16 fast
 (``precision='auto'``; the parameters and the optimizer state stay in their own dtype) and in float32
@@ -85,6 +87,11 @@ CODEC_LEARNING_RATE = 1e-5
 (benchmarks/results/heal_cpu.md)."""
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
+LOSS_CHUNK_BYTES = 64 * 2**20
+"""Bytes of float32 logits per chunk of the loss (:func:`distillation_loss`): 341 tokens of a 49,152-token
+vocabulary, 64 of a 262,144-token one. The loss then adds about six chunks of temporaries to the logits'
+gradient, whatever the batch (benchmarks/results/heal_loss_cpu.md)."""
+_IGNORE = -100  # cross-entropy target of the positions without a next token
 _FORMAT = 1
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
 
@@ -163,27 +170,91 @@ def distillation_loss(
     *,
     temperature: float,
     kd_weight: float,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Healing objective of one batch, in float32.
+    """Healing objective of one batch, in float32, over chunks of tokens.
+
+    The float32 work over the vocabulary (log-softmax of both distributions, the KL, the cross-entropy)
+    runs over chunks of at most ``chunk_bytes`` of float32 logits, and each chunk's gradient with respect
+    to the student's logits is computed there and then in closed form (``T · (softmax(z / T) − p_teacher)``
+    for the KL term, ``softmax(z) − onehot(next token)`` for the cross-entropy), so backward keeps one
+    gradient the size of the logits instead of several float32 copies of batch × seq × vocab.
 
     Args:
         student, teacher: logits ``(batch, seq, vocab)``; ``teacher`` may be None when ``kd_weight`` is 0.
         ids: the input token ids ``(batch, seq)`` (next-token targets are ``ids[:, 1:]``).
+        chunk_bytes: float32 bytes of logits per chunk (default :data:`LOSS_CHUNK_BYTES`).
 
     Returns:
         ``(loss, kl, ce)``: ``kd_weight · T² · KL + (1 − kd_weight) · CE``, the per-token
-        KL(teacher ‖ student) at temperature T (times T²) and the next-token cross-entropy.
+        KL(teacher ‖ student) at temperature T (times T²) and the next-token cross-entropy; only ``loss``
+        carries a gradient.
     """
-    z = student.float()
-    ce = F.cross_entropy(z[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    if teacher is None or kd_weight == 0:
-        kl = z.new_zeros(())
-    else:
-        T = temperature
-        log_s = F.log_softmax(z / T, dim=-1).flatten(0, 1)
-        log_t = F.log_softmax(teacher.float() / T, dim=-1).flatten(0, 1)
-        kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (T * T)
-    return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
+    batch, seq, vocab = student.shape
+    chunk_bytes = LOSS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive integer; got {chunk_bytes!r}")
+    if seq < 2:
+        raise ValueError(f"the healing loss needs sequences of at least 2 tokens; got {seq}")
+    targets = torch.full_like(ids, _IGNORE)
+    targets[:, :-1] = ids[:, 1:]  # the last position has no next token: it counts for the KL only
+    use_teacher = teacher is not None and kd_weight != 0
+    return _Distillation.apply(
+        student.flatten(0, 1),
+        teacher.flatten(0, 1) if use_teacher else None,
+        targets.flatten(),
+        float(temperature),
+        float(kd_weight) if use_teacher else 0.0,
+        max(1, chunk_bytes // (4 * vocab)),
+        batch * (seq - 1),
+    )
+
+
+class _Distillation(torch.autograd.Function):
+    """The healing loss over ``(tokens, vocab)`` logits, chunk by chunk, its gradient computed forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, temperature, kd_weight, rows, n_ce):
+        T, n_kl = temperature, len(targets)
+        ce_scale, kl_scale = (1.0 - kd_weight) / n_ce, kd_weight * T / n_kl  # d loss / d logits factors
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        kl = student.new_zeros((), dtype=torch.float32)
+        ce = student.new_zeros((), dtype=torch.float32)
+        with torch.autocast(student.device.type, enabled=False):
+            for start in range(0, n_kl, rows):
+                part = slice(start, start + rows)
+                z, y = student[part].float(), targets[part]
+                valid = (y != _IGNORE).float()
+                y = y.clamp_min(0)[:, None]
+                log_p = F.log_softmax(z, dim=-1)
+                ce -= (log_p.gather(1, y).squeeze(1) * valid).sum()
+                if teacher is not None:
+                    log_s = log_p if T == 1.0 else F.log_softmax(z / T, dim=-1)
+                    log_t = F.log_softmax(teacher[part].float() / T, dim=-1)
+                    p_t = log_t.exp()
+                    kl += (p_t * (log_t - log_s)).sum()
+                if grad is None:
+                    continue
+                # cross-entropy: softmax(z) − onehot(y), on positions with a next token
+                p = log_p.exp_()
+                g = p * (valid * ce_scale)[:, None]
+                g.scatter_add_(1, y, (valid * -ce_scale)[:, None])
+                if teacher is not None:  # T² · KL at temperature T: T · (softmax(z / T) − p_teacher)
+                    p_s = p if T == 1.0 else log_s.exp_()
+                    g += (p_s - p_t) * kl_scale
+                grad[part] = g
+        kl, ce = kl * (T * T) / n_kl, ce / n_ce
+        ctx.grad = grad  # an intermediate, not an input or output: kept on ctx, handed over once
+        ctx.mark_non_differentiable(kl, ce)
+        return kd_weight * kl + (1.0 - kd_weight) * ce, kl, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the healing loss was already backpropagated; it holds one gradient")
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None, None
 
 
 def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -333,9 +404,10 @@ class _Progress:
 class _Checkpoint:
     """One file holding the trainable state, optimizer, best state and progress, replaced atomically."""
 
-    def __init__(self, directory: Path | None, key: str) -> None:
+    def __init__(self, directory: Path | None, key: str, settings: dict[str, Any]) -> None:
         self.path = None if directory is None else Path(directory) / CHECKPOINT_FILE
         self.key = key
+        self.settings = settings  # saved with the state, to say what differs when a resume is refused
 
     def save(self, params, optimizer, best, progress: _Progress) -> None:
         if self.path is None:
@@ -343,6 +415,7 @@ class _Checkpoint:
         state = {
             "format": _FORMAT,
             "fingerprint": self.key,
+            "settings": self.settings,
             "params": {n: p.detach().cpu().clone() for n, p in params.items()},
             "best": {n: t.cpu() for n, t in best.items()},
             "optimizer": optimizer.state_dict(),
@@ -362,8 +435,8 @@ class _Checkpoint:
             ) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.key:
             raise CheckpointError(
-                f"{self.path} belongs to a healing run with a different configuration, data or model; "
-                "choose another checkpoint directory or delete it"
+                f"{self.path} belongs to another healing run ({self._difference(state)}); choose another "
+                "checkpoint directory or delete it"
             )
         with torch.no_grad():
             for name, p in params.items():
@@ -373,6 +446,30 @@ class _Checkpoint:
         progress = _Progress(**state["progress"])
         logger.info("resuming healing from %s at step %d", self.path, progress.step)
         return progress
+
+    def _difference(self, state: Any) -> str:
+        """What sets the run of a refused checkpoint apart from this one, in words."""
+        saved = state.get("settings") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            return "a different configuration, data or model"
+        there, here = _flat(saved), _flat(self.settings)
+        changed = [
+            f"{k}: {there.get(k)!r} there, {here.get(k)!r} here"
+            for k in here.keys() | there.keys()
+            if there.get(k) != here.get(k)
+        ]
+        return "; ".join(sorted(changed)) or "other training text or starting weights"
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"calibration": {"seq_len": 512}}`` → ``{"calibration.seq_len": 512}``."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def heal(
@@ -448,15 +545,12 @@ def _fit(
     model, teacher, train_ids, heldout_ids, params, config: HealConfig, amp, lr, checkpoint_dir, progress
 ):
     start = time.perf_counter()
-    key = fingerprint(
-        {k: v for k, v in config.to_dict().items() if k != "checkpoint_minutes"},
-        str(amp),
-        lr,
-        train_ids,
-        heldout_ids,
-        *params.values(),
-    )
-    ckpt = _Checkpoint(checkpoint_dir, key)
+    # what the run computes: the resolved compute dtype, not the precision asked for ('auto' resolves per
+    # machine), and the learning rate used
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_minutes", "precision")}
+    settings.update(compute="float32" if amp is None else dtype_name(amp), peak_learning_rate=lr)
+    key = fingerprint(settings, train_ids, heldout_ids, *params.values())
+    ckpt = _Checkpoint(checkpoint_dir, key, settings)
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     best = {n: p.detach().clone() for n, p in params.items()}
     order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
