@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -111,7 +110,7 @@ def _run(args, vocab: int, mode: str) -> dict[str, float]:
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    out = subprocess.run(argv, capture_output=True, text=True, env=os.environ.copy())
+    out = subprocess.run(argv, capture_output=True, text=True)  # inherits the environment
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"vocab {vocab}, {mode}: the measuring process failed ({tail})")
