@@ -25,6 +25,9 @@ __all__ = [
     "attention_shape",
     "AttentionShape",
     "attention_function",
+    "attention_implementation",
+    "layer_attention",
+    "LayerAttention",
     "routed_config",
     "attention_info",
     "AttentionInfo",
@@ -304,6 +307,79 @@ def attention_info(model: nn.Module) -> AttentionInfo:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class LayerAttention:
+    """One attention layer as a forward pass needs it, read from the module and its config."""
+
+    layer_idx: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_norm: str | None
+    """Name of the attention module's query norm (applied before RoPE), if any."""
+    k_norm: str | None
+    """Name of the attention module's key norm (applied before RoPE), if any."""
+    qk_norm_layout: QKNormLayout | None
+    """What the norms see (see :attr:`ArchSpec.qk_norm_layout`); ``None`` without norms."""
+    scaling: float
+    """Factor applied to QKᵀ before the softmax."""
+    sliding_window: int | None
+    """Keys a query may see (itself included), ``None`` for full causal attention."""
+    softcap: float | None
+    """Scores become ``c · tanh(scores / c)`` before masking when set."""
+    rope: bool
+    """Whether the layer rotates queries and keys."""
+    dropout: float
+    """Attention dropout probability in training."""
+
+
+def layer_attention(attention: nn.Module) -> LayerAttention:
+    """Describe a transformers attention module of a registered or Llama-like family.
+
+    Raises:
+        ValueError: the module lacks a norm its family's spec names, or a norm's size does not fit.
+    """
+    config = attention.config
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    spec = _REGISTRY.get(getattr(cfg, "model_type", "") or "", _DEFAULT)
+    shape = attention_shape(cfg)
+    for path in (spec.q_norm, spec.k_norm):
+        if path and _get(attention, path) is None:
+            raise ValueError(
+                f"{type(attention).__name__} has no {path!r} module, which its family's spec names"
+            )
+    layer_idx = int(attention.layer_idx)
+    types = getattr(cfg, "layer_types", None)
+    layer_type = types[layer_idx] if types is not None else "full_attention"
+    return LayerAttention(
+        layer_idx=layer_idx,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        q_norm=spec.q_norm,
+        k_norm=spec.k_norm,
+        qk_norm_layout=_norm_layout(attention, spec, shape),
+        scaling=float(getattr(attention, "scaling", shape.head_dim**-0.5)),
+        sliding_window=_layer_window(attention, cfg, layer_type),
+        softcap=getattr(cfg, "attn_logit_softcapping", None),
+        rope=bool(getattr(attention, "use_rope", True)),
+        dropout=float(getattr(attention, "attention_dropout", 0.0) or 0.0),
+    )
+
+
+def attention_implementation(config) -> str:
+    """The attention kernel a transformers config selects (``"eager"``, ``"sdpa"``, …); ``"eager"`` if unset.
+
+    transformers has no public getter for this setting: its attention modules and its attention-interface
+    documentation read ``config._attn_implementation``. This is the one place in lowrank that reads it
+    (``tests/test_transformers_contract.py`` holds the package to that).
+    """
+    value = config._attn_implementation
+    if isinstance(value, dict):
+        value = value.get("")
+    return value or "eager"
+
+
 def attention_function(module: nn.Module, implementation: str):
     """The attention function ``module``'s own modeling code calls for ``implementation`` (eager, sdpa, …).
 
@@ -315,8 +391,9 @@ def attention_function(module: nn.Module, implementation: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     modeling = sys.modules[type(module).__module__]
+    eager = getattr(modeling, "eager_attention_forward", None)
     interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
-    function = interface.get_interface(implementation, getattr(modeling, "eager_attention_forward", None))
+    function = eager if implementation == "eager" else interface.get(implementation, eager)
     if function is None:
         raise ValueError(
             f"{type(module).__name__} uses attention implementation {implementation!r} but "
@@ -328,8 +405,9 @@ def attention_function(module: nn.Module, implementation: str):
 def routed_config(config, implementation: str):
     """A shallow copy of an attention module's config that selects ``implementation`` for that module only.
 
-    The dict form of ``_attn_implementation`` leaves sub-configs untouched; the model's own config (shared by
-    every layer) is never modified.
+    The dict form of the selection leaves sub-configs untouched; the model's own config (shared by every
+    layer) is never modified. ``set_attn_implementation`` is transformers' public setter, but it acts on a
+    whole model; a copy routes one module.
     """
     import copy
 

@@ -34,6 +34,7 @@ from transformers import AttentionInterface
 from lowrank.architectures import (
     QKNormLayout,
     attention_function,
+    attention_implementation,
     attention_info,
     get_arch_spec,
     routed_config,
@@ -79,7 +80,7 @@ class _AttentionTap:
             raise ValueError(
                 f"{type(module).__name__} has no config; expected a transformers attention module"
             )
-        original = attention_function(module, config._attn_implementation)
+        original = attention_function(module, attention_implementation(config))
         self.module, self.config, self.original, self.sink = module, config, original, sink
         _TAPS[module] = self
         module.config = routed_config(config, CAPTURE_IMPLEMENTATION)

@@ -1,10 +1,12 @@
-"""Attention that caches compressed keys and values: one wrapper for every family, one cache class.
+"""Attention that caches compressed keys and values: one module for every family, one cache class.
 
-:class:`ProjectedAttention` replaces a transformers attention module without forking its code: it takes
-over the original's submodules, parameters and attributes (so the state-dict names do not change), runs
-the family's own ``forward``, and routes the attention call through a function registered with
-``transformers.AttentionInterface`` that applies the layer's *codec* around the implementation the module
-used before (eager, sdpa, …). A codec (an ``nn.Module``) has three methods:
+:class:`ProjectedAttention` replaces a transformers attention module with lowrank's own forward pass, built
+from public pieces only: the original's projections and q/k norms (taken over, not copied, so state-dict
+names do not change), RoPE from the (cos, sin) the model's rotary embedding passes in, the Cache API,
+and the attention kernel from transformers' attention-function registry (``sdpa``, ``flash_attention_2``,
+…; ``eager`` is lowrank's own). Everything family-specific (q/k norm layout, biases, score scale,
+sliding windows, soft-capping, layers without RoPE) comes from :class:`~lowrank.architectures.LayerAttention`,
+so no transformers ``forward`` is ever called on it. A *codec* (an ``nn.Module``) has three methods:
 
 * ``encode(keys, values, rope_tables) -> (key_codes, value_codes)``: what the cache stores for new rotated
   keys and values;
@@ -18,103 +20,183 @@ plus ``cached_numbers()`` and ``codec_spec()``/``from_codec_spec()``. Two codecs
 
 :class:`ProjectedKVCache` (a ``DynamicCache``) stores the codes, so the memory saving is real:
 ``generate``, the throughput harness and the KV-bytes measurement all use it once installed
-(:func:`lowrank.kv_cache.install_cache`). With any other cache, or none, the wrapper encodes on the fly
+(:func:`lowrank.kv_cache.install_cache`). With any other cache, or none, the module encodes on the fly
 and computes the same logits.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 
-from lowrank.architectures import attention_function, routed_config
+from lowrank.architectures import LayerAttention, attention_implementation, layer_attention
 from lowrank.kv_cache import register_cache
 from lowrank.nn import KVProjection, LatentKV, register_replacement
 from lowrank.nn.rope import rotate
 
-__all__ = ["ProjectedAttention", "ProjectedKVCache", "PROJECTED_IMPLEMENTATION", "CODECS"]
-
-#: Name of the attention function registered with ``AttentionInterface``.
-PROJECTED_IMPLEMENTATION = "lowrank_projected_kv"
+__all__ = ["ProjectedAttention", "ProjectedKVCache", "CODECS", "eager_attention"]
 
 #: Codec classes by name (what a saved model records).
 CODECS: dict[str, type[nn.Module]] = {"KVProjection": KVProjection, "LatentKV": LatentKV}
 
 
-@dataclass
-class _Call:
-    """What one forward call of a :class:`ProjectedAttention` needs inside the attention function."""
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention as plain matrix products, with the signature of transformers' attention functions.
 
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-    cache_projects: bool
+    query: (b, H, t, d_q); key: (b, H_kv, T, d_q); value: (b, H_kv, T, d_v); ``attention_mask`` additive,
+    (b, 1, t, T). Scores are soft-capped (``c · tanh(s / c)``) before the mask when ``softcap`` is set and
+    normalised in float32. Returns the output (b, t, H, d_v) and the weights (b, H, t, T).
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _projected_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-    """Attention function: the layer's codec around the family's own implementation."""
-    call = module._call
-    if call is None:
-        raise RuntimeError(
-            f"attention implementation {PROJECTED_IMPLEMENTATION!r} runs inside ProjectedAttention"
+def _kernel(implementation: str):
+    """The attention function for ``implementation``: lowrank's eager one, else transformers' registry."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation == "eager":
+        return eager_attention
+    if implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not registered; "
+            f"known: eager, {', '.join(sorted(ALL_ATTENTION_FUNCTIONS))}"
         )
-    codec = module.kv
-    if not call.cache_projects:
-        key, value = codec.encode(key, value, call.position_embeddings)
-    query, key, value = codec.attend(
-        query, key, value, call.position_embeddings, keys_decoded=call.cache_projects
-    )
-    out, weights = module._inner_attention(module, query, key, value, attention_mask, *args, **kwargs)
-    return codec.decode(out), weights
-
-
-AttentionInterface.register(PROJECTED_IMPLEMENTATION, _projected_attention)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 @register_replacement
 class ProjectedAttention(nn.Module):
-    """A transformers attention module whose keys and values are cached through a codec.
+    """An attention layer whose keys and values are cached through a codec.
 
     Args:
-        attention: the module to wrap (its submodules and parameters are taken over, not copied).
+        attention: the transformers attention module to replace (its projections and q/k norms are
+            taken over, not copied).
         codec: the layer's :class:`~lowrank.nn.KVProjection` or :class:`~lowrank.nn.LatentKV`.
+        layer: the layer's description (default: read from ``attention`` and its config).
+        implementation: attention kernel (default: the one the model's config selects).
     """
 
-    def __init__(self, attention: nn.Module, codec: nn.Module) -> None:
+    def __init__(
+        self,
+        attention: nn.Module,
+        codec: nn.Module,
+        *,
+        layer: LayerAttention | None = None,
+        implementation: str | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(attention, ProjectedAttention):
             raise ValueError("this attention module already caches projected keys and values")
-        for name, child in attention.named_children():
-            self.add_module(name, child)
-        for name, param in attention.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in attention.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in attention._non_persistent_buffers_set)
-        for name, value in vars(attention).items():
-            if not name.startswith("_") and name not in ("training", "config"):
-                object.__setattr__(self, name, value)
-        implementation = attention.config._attn_implementation or "eager"
-        self.config = routed_config(attention.config, PROJECTED_IMPLEMENTATION)
+        self.layer = layer or layer_attention(attention)
+        norms = (self.layer.q_norm, self.layer.k_norm)
+        parts = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", *norms) if n]
+        unknown = sorted(
+            {n for n, _ in attention.named_children()} - set(parts)
+            | {n for n, _ in attention.named_parameters(recurse=False)}
+        )
+        if unknown:
+            raise ValueError(
+                f"{type(attention).__name__} has parts lowrank's attention does not compute with: "
+                f"{', '.join(unknown)}; register its family with register_arch_spec() if they are q/k norms"
+            )
+        for name in parts:
+            self.add_module(name, getattr(attention, name))
+        self.config = attention.config  # attention kernels read their settings from module.config
+        self.layer_idx = self.layer.layer_idx
+        self.head_dim = self.layer.head_dim
+        self.num_key_value_groups = self.layer.num_heads // self.layer.num_kv_heads
+        self.scaling = self.layer.scaling
+        self.is_causal = True
+        self.implementation = implementation or attention_implementation(attention.config)
+        self._kernel = _kernel(self.implementation)
         self.kv = codec
-        self.implementation = implementation
-        self._family = type(attention)
-        self._inner_attention = attention_function(attention, implementation)
-        self._call: _Call | None = None
 
-    def forward(self, *args: Any, **kwargs: Any):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        positions = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-        self._call = _Call(positions, isinstance(cache, ProjectedKVCache))
-        try:
-            return self._family.forward(self, *args, **kwargs)
-        finally:
-            self._call = None
+    def _heads(self, x: torch.Tensor, norm: str | None) -> torch.Tensor:
+        """(b, t, h·d) projection output → (b, h, t, d), through the layer's q/k norm where it has one."""
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        layout = self.layer.qk_norm_layout
+        if norm is None:
+            return x.view(shape).transpose(1, 2)
+        norm = getattr(self, norm)
+        if layout == "b t (h d)":
+            return norm(x).view(shape).transpose(1, 2)
+        if layout == "b t h d":
+            return norm(x.view(shape)).transpose(1, 2)
+        return norm(x.view(shape).transpose(1, 2))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
+        layer = self.layer
+        queries = self._heads(self.q_proj(hidden_states), layer.q_norm)
+        keys = self._heads(self.k_proj(hidden_states), layer.k_norm)
+        values = self._heads(self.v_proj(hidden_states), None)
+        if layer.rope:
+            queries, keys = rotate(queries, *position_embeddings), rotate(keys, *position_embeddings)
+        projects = isinstance(cache, ProjectedKVCache) and self.layer_idx in cache.projected
+        if projects:
+            keys, values = cache.append(self, keys, values, position_embeddings, position_ids)
+        else:
+            if cache is not None:
+                keys, values = cache.update(keys, values, self.layer_idx)
+            keys, values = self.kv.encode(keys, values, position_embeddings)
+        queries, keys, values = self.kv.attend(
+            queries, keys, values, position_embeddings, keys_decoded=projects
+        )
+        extra = {"sliding_window": layer.sliding_window} if layer.sliding_window is not None else {}
+        if layer.softcap is not None:
+            extra["softcap"] = layer.softcap
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
+        out, weights = self._kernel(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            dropout=layer.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        out = self.kv.decode(out)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
     def extra_repr(self) -> str:
-        return f"family={self._family.__name__}, implementation={self.implementation}"
+        return f"layer={self.layer_idx}, implementation={self.implementation}"
 
     # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     def replacement_spec(self) -> dict[str, Any]:
@@ -205,28 +287,33 @@ class ProjectedKVCache(DynamicCache):
                 total += codec.cached_numbers() * size - full + (4 if _pre(module) else 0)
         return float(total)
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Store the codes of the new tokens; return what the layer's attention function expects."""
-        module = self.projected.get(layer_idx)
-        if module is None:
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        codes = module.kv.encode(key_states, value_states, module._call.position_embeddings)
-        keys, values = super().update(*codes, layer_idx, *args, **kwargs)
+    def append(
+        self,
+        module: ProjectedAttention,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rope_tables,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the codes of a projected layer's new rotated keys and values; return what it attends to.
+
+        ``post`` layers get the stored codes; ``pre`` layers get every cached key reconstructed and rotated
+        at its own position (positions default to the next ones in order).
+        """
+        layer_idx = module.layer_idx
+        codes = module.kv.encode(keys, values, rope_tables)
+        keys_out, values_out = self.update(*codes, layer_idx)
         if not _pre(module):
-            return keys, values
-        new = self._new_positions(layer_idx, key_states.shape, kwargs, key_states.device)
+            return keys_out, values_out
+        start = 0 if layer_idx not in self.positions else self.positions[layer_idx].shape[-1]
+        if position_ids is None:
+            t = keys.shape[-2]
+            position_ids = torch.arange(start, start + t, device=keys.device).expand(keys.shape[0], -1)
+        new = position_ids.to(torch.int32)
         previous = self.positions.get(layer_idx)
         self.positions[layer_idx] = new if previous is None else torch.cat([previous, new], dim=-1)
-        cos_all, sin_all = self._tables(module, self.positions[layer_idx], key_states)
-        return rotate(module.kv.decode_keys(keys), cos_all, sin_all), values
-
-    def _new_positions(self, layer_idx: int, shape, kwargs, device) -> torch.Tensor:
-        start = 0 if layer_idx not in self.positions else self.positions[layer_idx].shape[-1]
-        call_kwargs = kwargs.get("kwargs") or {}  # the attention module passes its keyword arguments along
-        ids = call_kwargs.get("position_ids") if isinstance(call_kwargs, dict) else None
-        if ids is None:
-            ids = torch.arange(start, start + shape[-2], device=device).expand(shape[0], -1)
-        return ids.to(torch.int32)
+        cos_all, sin_all = self._tables(module, self.positions[layer_idx], keys)
+        return rotate(module.kv.decode_keys(keys_out), cos_all, sin_all), values_out
 
     def _tables(self, module: ProjectedAttention, positions: torch.Tensor, like: torch.Tensor):
         params = inspect.signature(self._rotary.forward).parameters

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.architectures import attention_implementation
 from lowrank.io import atomic_dir, check_output_dir, sha256_file, write_json
 from lowrank.nn import build_replacement, describe_replacements
 from lowrank.surgery import get_module, replace_module
@@ -106,7 +107,7 @@ def save_compressed(
         "modules": describe_replacements(model),
         "tied": ties,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "attn_implementation": attention_implementation(config),
         "methods": applied_methods(model),
         "cache": installed_cache(model),
         "summaries": summaries,

@@ -17,6 +17,8 @@ import importlib
 import logging
 import sys
 
+from lowrank.cli._renamed import rewrite_renamed
+
 __all__ = ["main", "build_parser"]
 
 # Order is the order shown by ``lowrank --help``.
@@ -57,7 +59,9 @@ def _anticipated() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command(argv))
+    command = _command(argv)
+    argv = rewrite_renamed(argv, command)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
