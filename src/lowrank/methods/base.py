@@ -64,6 +64,9 @@ class MethodConfig:
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()
     """Groups of fields of which a user gives one (setting one clears the others of the group)."""
     calibrated: ClassVar[bool] = False
+    follows: ClassVar[tuple[str, ...] | None] = None
+    """The methods this one may be applied after (None: any). A model that holds any other applied method
+    is refused in one line before any work (e.g. an attention method after ``quantize``)."""
     """The method needs calibration data (its config has a ``calibration`` field)."""
     example: ClassVar[dict[str, Any]] = {}
     """Keyword arguments of a small valid config (the method × architecture test matrix uses it)."""
@@ -233,6 +236,18 @@ def _kv_bytes(model: nn.Module) -> float | None:
         return None
 
 
+def _stacking_problem(cls: type[MethodConfig], applied: list[dict[str, Any]]) -> str | None:
+    """Why ``cls`` cannot follow the methods already ``applied`` (its ``follows`` declaration), or None."""
+    if cls.follows is None:
+        return None
+    for earlier in applied:
+        name = earlier.get("method") if isinstance(earlier, dict) else None
+        if name not in cls.follows:
+            allowed = ", ".join(cls.follows) or "none: an unmodified model only"
+            return f"it cannot be applied after {name!r} (it may follow: {allowed})"
+    return None
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig,
@@ -263,7 +278,7 @@ def compress(
         )
     from lowrank.linalg import fallback_counts
 
-    reason = type(config).unsupported(model)
+    reason = _stacking_problem(type(config), applied_methods(model)) or type(config).unsupported(model)
     if reason:
         raise ValueError(f"method {config.method!r} does not support {type(model).__name__}: {reason}")
     if calibration is not None and not config.calibrated:

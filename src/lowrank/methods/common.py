@@ -44,6 +44,15 @@ class LowRankConfig(MethodConfig):
     """Fields of every method that replaces linear layers by low-rank factors."""
 
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("ratio", "keep_singular_fraction"),)
+    follows: ClassVar[tuple[str, ...] | None] = (
+        "svd",
+        "svd-llm",
+        "svd-llm-v2",
+        "mla",
+        "kv-projection",
+        "heal",
+    )
+    """Dense linears left by any weight or attention method; never quantized ones."""
     example: ClassVar[dict[str, Any]] = {"ratio": 0.3}
 
     ratio: float | None = None

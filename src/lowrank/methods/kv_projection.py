@@ -55,6 +55,7 @@ class KVProjectionConfig(MethodConfig):
     """Low-rank projections of the cached keys and values, per layer and KV head."""
 
     method: ClassVar[str] = "kv-projection"
+    follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
     example: ClassVar[dict[str, Any]] = {"rank_fraction": 0.5}
 

@@ -57,6 +57,7 @@ class MLAConfig(MethodConfig):
     """Partial RoPE plus a low-rank latent K/V cache per KV head."""
 
     method: ClassVar[str] = "mla"
+    follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_rank", "kv_fraction"),)
     example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_rank": 8}
