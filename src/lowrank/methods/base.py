@@ -41,6 +41,7 @@ __all__ = [
     "count_parameters",
     "weight_bytes",
     "applied_methods",
+    "refusal",
     "applied_summaries",
 ]
 
@@ -64,10 +65,10 @@ class MethodConfig:
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()
     """Groups of fields of which a user gives one (setting one clears the others of the group)."""
     calibrated: ClassVar[bool] = False
+    """The method needs calibration data (its config has a ``calibration`` field)."""
     follows: ClassVar[tuple[str, ...] | None] = None
     """The methods this one may be applied after (None: any). A model that holds any other applied method
     is refused in one line before any work (e.g. an attention method after ``quantize``)."""
-    """The method needs calibration data (its config has a ``calibration`` field)."""
     example: ClassVar[dict[str, Any]] = {}
     """Keyword arguments of a small valid config (the method × architecture test matrix uses it)."""
 
@@ -248,6 +249,18 @@ def _stacking_problem(cls: type[MethodConfig], applied: list[dict[str, Any]]) ->
     return None
 
 
+def refusal(cls: type[MethodConfig], model: nn.Module) -> str | None:
+    """Why ``compress`` would refuse method ``cls`` on ``model`` before any work (one line), or None.
+
+    The method's ``follows`` declaration against the methods already applied, then its ``unsupported``
+    check. Tools that prepare a method (``kv-analyze`` for ``kv-projection``) refuse the same models.
+    """
+    reason = _stacking_problem(cls, applied_methods(model)) or cls.unsupported(model)
+    if reason:
+        return f"method {cls.method!r} does not support {type(model).__name__}: {reason}"
+    return None
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig,
@@ -278,9 +291,9 @@ def compress(
         )
     from lowrank.linalg import fallback_counts
 
-    reason = _stacking_problem(type(config), applied_methods(model)) or type(config).unsupported(model)
+    reason = refusal(type(config), model)
     if reason:
-        raise ValueError(f"method {config.method!r} does not support {type(model).__name__}: {reason}")
+        raise ValueError(reason)
     if calibration is not None and not config.calibrated:
         logger.warning(
             "method %r reads no calibration text with these settings; the calibration given is ignored",

@@ -127,7 +127,9 @@ class MLAConfig(MethodConfig):
             )
         if any(isinstance(m, ProjectedAttention) for m in model.modules()):
             return "its attention already caches compressed keys and values"
-        return None
+        from lowrank.methods.kv_projection import attention_weights_problem
+
+        return attention_weights_problem(model)
 
     def ranks(self, head_dim: int) -> tuple[int, int, int]:
         """(rope pairs, key latent rank, value latent rank) per KV head; joint: the two ranks are equal.
