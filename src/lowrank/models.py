@@ -130,9 +130,13 @@ def _check_loading_info(source: str | Path, info: dict) -> None:
 
 
 def _load_hf(source: str | Path, device: str | torch.device, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank.memory import check_model_fits
 
     try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        check_model_fits(config, dtype, source)  # before anything is built: one line, not minutes
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model, info = AutoModelForCausalLM.from_pretrained(
             source,
