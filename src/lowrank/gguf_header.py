@@ -109,7 +109,7 @@ def check_gguf_file(path: str | os.PathLike[str]) -> GGUFSummary:
     r = _Reader(Path(path))
     try:
         if r.take(4, "the magic bytes") != b"GGUF":
-            raise r.fail("it does not start with the GGUF magic bytes")
+            raise ValueError(f"{r.path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         version = r.uint(4, "the version")
         if version not in _VERSIONS:
             raise r.fail(f"version {version}; supported: {', '.join(map(str, _VERSIONS))}")
