@@ -51,7 +51,7 @@ def test_foreign_nonempty_dir_is_refused_and_survives(thesis):
 def test_toolkit_output_empty_dir_and_new_path_are_accepted(tmp_path):
     done = tmp_path / "done"
     done.mkdir()
-    (done / "lowrank.json").write_text("{}")
+    (done / "lowrank.json").write_text('{"files": {"model.safetensors": {}}}')
     (done / "model.safetensors").write_bytes(b"x")
     (tmp_path / "empty").mkdir()
     assert check_output_dir(done) == done

@@ -107,7 +107,7 @@ def test_tiny_gguf_loads_converts_once_and_reconverts_when_changed(cache, tmp_pa
 def test_unreadable_gguf_names_the_file(cache, tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF" + b"\x00" * 64)
-    with pytest.raises(ValueError, match=f"{path}: transformers cannot load this GGUF file") as info:
+    with pytest.raises(ValueError, match=f"{path}: not a usable GGUF file") as info:
         load_model(str(path))
     assert "\n" not in str(info.value)
 

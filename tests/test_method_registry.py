@@ -27,6 +27,7 @@ from lowrank.methods import (
     method_names,
     register_method,
 )
+from lowrank.methods.base import refusal
 from lowrank.nn import register_replacement
 from lowrank.serialization import load_compressed, save_compressed
 
@@ -128,9 +129,11 @@ def test_a_method_registered_in_a_test_is_in_the_cli_runs_saves_and_reloads(toy_
 @pytest.mark.parametrize("method", method_names())
 def test_every_registered_method_on_every_architecture(tmp_path, arch, method):
     cls = config_class(method)
+    # the stacking declaration: None (any) or registered method names
+    assert cls.follows is None or (isinstance(cls.follows, tuple) and set(cls.follows) <= set(method_names()))
     model = make_tiny_model(arch)
     ids = random_tokens(2, 16, seed=7)
-    reason = cls.unsupported(model)
+    reason = refusal(cls, model)
     if reason:  # refused up front, with one line saying why
         with pytest.raises(ValueError, match="does not support") as info:
             compress(model, cls(**cls.example), calibration=random_tokens(16, 48))

@@ -13,6 +13,7 @@ from conftest import make_tiny_model, random_tokens
 from test_heal import SEQ_LEN, _config
 
 import lowrank.synthetic as synthetic
+from lowrank.checked import load_checked, save_checked
 from lowrank.methods import HealConfig, SVDLLMConfig, compress
 from lowrank.synthetic import sample_sequences, teacher_sequences
 
@@ -56,12 +57,16 @@ def test_sampling_at_temperature_one_follows_the_model(model):
     assert abs(chosen - minus_entropy) < 0.25
 
 
+def _stored(path):
+    return load_checked(path, "stored sequences", "remove it")
+
+
 def test_stored_sequences_are_reused_and_an_interrupted_run_resumes(model, tmp_path, monkeypatch):
     full = teacher_sequences(model, 5, 8, batch_size=2, directory=tmp_path / "a", progress=False)
     assert full.shape == (5, 8)
     assert torch.equal(full, sample_sequences(model, 6, 8, batch_size=2, progress=False)[:5])
     (stored,) = (tmp_path / "a").glob("*.pt")
-    assert torch.load(stored).shape == (6, 8)  # whole batches are stored
+    assert _stored(stored).shape == (6, 8)  # whole batches are stored
 
     real, calls = synthetic._sample_batch, []
 
@@ -74,7 +79,7 @@ def test_stored_sequences_are_reused_and_an_interrupted_run_resumes(model, tmp_p
     monkeypatch.setattr(synthetic, "_sample_batch", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         teacher_sequences(model, 5, 8, batch_size=2, directory=tmp_path / "b", progress=False)
-    assert torch.load(next((tmp_path / "b").glob("*.pt"))).shape == (4, 8)
+    assert _stored(next((tmp_path / "b").glob("*.pt"))).shape == (4, 8)
     assert torch.equal(teacher_sequences(model, 5, 8, batch_size=2, directory=tmp_path / "b"), full)
     assert len(calls) == 4  # two batches kept, the third made once more
     monkeypatch.setattr(synthetic, "_sample_batch", None)  # a stored set needs no sampling
@@ -98,7 +103,7 @@ def test_damaged_or_foreign_stored_sequences_are_one_line_errors(model, tmp_path
     with pytest.raises(ValueError, match="damaged stored sequences.*remove it to sample again") as info:
         teacher_sequences(model, 2, 8, batch_size=2, directory=tmp_path, progress=False)
     assert "\n" not in str(info.value)
-    torch.save(torch.zeros(2, 5, dtype=torch.long), path)
+    save_checked(torch.zeros(2, 5, dtype=torch.long), path)
     with pytest.raises(ValueError, match=r"does not hold \(n, 8\) token ids"):
         teacher_sequences(model, 2, 8, batch_size=2, directory=tmp_path, progress=False)
 
@@ -135,7 +140,7 @@ def test_healing_on_the_teachers_own_text(tmp_path, monkeypatch, caplog):
     assert "method 'heal' reads no calibration text" in caplog.text  # corpus ids given are ignored, said
     assert result.details["heldout_loss_after"] < result.details["heldout_loss_before"]
     (stored,) = (tmp_path / "cache" / "synthetic").glob("*.pt")
-    ids = torch.load(stored)[:32]
+    ids = _stored(stored)[:32]
     assert ids.shape == (32, SEQ_LEN)
     # trained on the teacher's own sequences (the same ones sampled again), not on the corpus
     assert torch.equal(

@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
 from lowrank.assets import cache_dir, ensure_entry
+from lowrank.gguf_header import check_gguf_file
 from lowrank.io import sha256_file
 
 __all__ = ["gguf_model_dir", "convert_gguf_file"]
@@ -31,14 +33,15 @@ def gguf_model_dir(path: str | os.PathLike[str], *, hash_files: bool = True) -> 
     file is converted again and an unchanged one (anywhere on disk) is reused.
 
     Raises:
-        ValueError: (naming the file) it is missing, not a GGUF file, or transformers cannot read it.
+        ValueError: (one line naming the file) it is missing; its header or tensor table is not GGUF, is cut
+            short, claims more than the file holds or lists no tensors (:func:`check_gguf_file`, before
+            anything is allocated); transformers cannot read it; a tensor is missing for the model it
+            describes. A failed conversion leaves nothing in the cache.
     """
     src = Path(path).expanduser().resolve()
     if not src.is_file():
         raise ValueError(f"{src}: no such GGUF file")
-    with open(src, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ValueError(f"{src}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    check_gguf_file(src)  # before hashing, allocating or converting anything
     digest = sha256_file(src)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", src.stem)[:80]
     entry = cache_dir() / "models" / "gguf" / f"{stem}-{digest[:16]}"
@@ -60,16 +63,27 @@ def convert_gguf_file(src: Path, out: Path, *, sha256: str | None = None) -> dic
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lowrank.memory import check_bytes_fit
+    from lowrank.models import _check_loading_info
+
     start = time.perf_counter()
+    summary = check_gguf_file(src)
+    # the dequantized model and its rebuilt copy, both float32, live together during the conversion
+    check_bytes_fit(8 * summary.elements, src, f"converting {summary.elements:,} parameters to float32")
     logger.info("converting %s to a float32 safetensors checkpoint (one-off)", src.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            src.parent, gguf_file=src.name, dtype=torch.float32, trust_remote_code=False
+        quantized, info = AutoModelForCausalLM.from_pretrained(
+            src.parent,
+            gguf_file=src.name,
+            dtype=torch.float32,
+            trust_remote_code=False,
+            output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, struct.error) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ValueError(f"{src}: transformers cannot load this GGUF file ({first})") from exc
+    _check_loading_info(src, info)  # a tensor missing from the file would be random: never converted
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)

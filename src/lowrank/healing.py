@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank.checked import ChecksumError, load_checked, save_checked
 from lowrank.dtypes import dtype_name
-from lowrank.io import atomic_path
 from lowrank.layerwise import fingerprint
 from lowrank.nn.registry import describe_replacement
 
@@ -92,7 +92,7 @@ LOSS_CHUNK_BYTES = 64 * 2**20
 vocabulary, 64 of a 262,144-token one. The loss then adds about six chunks of temporaries to the logits'
 gradient, whatever the batch (benchmarks/results/heal_loss_cpu.md)."""
 _IGNORE = -100  # cross-entropy target of the positions without a next token
-_FORMAT = 1
+_FORMAT = 2  # 2: the file carries its SHA-256 (lowrank.checked)
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
 
 
@@ -421,18 +421,15 @@ class _Checkpoint:
             "optimizer": optimizer.state_dict(),
             "progress": dataclasses.asdict(progress),
         }
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        save_checked(state, self.path)
 
     def load(self, params, optimizer, best) -> _Progress | None:
         if self.path is None or not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise CheckpointError(
-                f"{self.path}: damaged healing checkpoint ({type(exc).__name__}); delete it to start afresh"
-            ) from None
+            state = load_checked(self.path, "healing checkpoint", "delete it to start afresh")
+        except ChecksumError as exc:
+            raise CheckpointError(str(exc)) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.key:
             raise CheckpointError(
                 f"{self.path} belongs to another healing run ({self._difference(state)}); choose another "

@@ -291,8 +291,9 @@ def check_output_dir(
 
     Raises:
         ValueError: (one line naming ``path``) it is an existing file; a parent is a file; the nearest
-            existing parent is not writable; it overlaps a protected path; or it is a non-empty directory
-            without ``lowrank.json`` and ``overwrite`` is false.
+            existing parent is not writable; it overlaps a protected path; or it holds a file that its
+            ``lowrank.json`` does not list (a user's file: only exactly what the toolkit wrote may be
+            replaced) and ``overwrite`` is false.
     """
     out = _absolute(path)
     if (out.exists() or out.is_symlink()) and not out.is_dir():
@@ -305,13 +306,33 @@ def check_output_dir(
             raise ValueError(
                 f"output directory {out} overlaps the input {guarded}; write outside it (and not above it)"
             )
-    foreign = out.is_dir() and not (out / TOOLKIT_MARKER).is_file() and any(out.iterdir())
-    if foreign and not overwrite:
+    stranger = _unowned_file(out) if out.is_dir() else None
+    if stranger is not None and not overwrite:
         raise ValueError(
-            f"output directory {out} is not empty and was not written by lowrank (no {TOOLKIT_MARKER}); "
-            "choose a new or empty directory, or pass overwrite to replace it"
+            f"output directory {out} holds {stranger}, not written by lowrank (not listed in its "
+            f"{TOOLKIT_MARKER}); choose a new or empty directory, or pass overwrite to replace it"
         )
     return out
+
+
+def _unowned_file(directory: Path) -> str | None:
+    """The first entry of ``directory`` that its ``lowrank.json`` does not list (None: all are the
+    toolkit's, or it is empty). Without a readable manifest every entry is a user's."""
+    entries = sorted(
+        p for p in directory.rglob("*") if not p.is_dir() or p.is_symlink() or not any(p.iterdir())
+    )
+    if not entries:
+        return None
+    try:
+        listed = json.loads((directory / TOOLKIT_MARKER).read_text(encoding="utf-8")).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        listed = None
+    owned = set(listed) | {TOOLKIT_MARKER} if isinstance(listed, dict) else set()
+    for entry in entries:
+        name = entry.relative_to(directory).as_posix()
+        if name not in owned or entry.is_symlink() or entry.is_dir():
+            return name
+    return None
 
 
 def check_output_file(path: str | os.PathLike[str]) -> Path:

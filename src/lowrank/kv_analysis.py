@@ -42,6 +42,7 @@ from torch import nn
 from lowrank.architectures import attention_info, decoder_layers, get_arch_spec
 from lowrank.attention_stats import AttentionGrams, attention_request
 from lowrank.linalg import kv_projection as kvp
+from lowrank.methods.base import refusal
 from lowrank.methods.kv_projection import KEY_METHODS, VALUE_METHODS, KVProjectionConfig, key_maps, value_maps
 from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
 from lowrank.surgery import get_module
@@ -244,12 +245,16 @@ def analyze_kv(
         :class:`KVAnalysis` with one row per (layer, KV head) and one summary per layer.
 
     Raises:
-        ValueError: a rank fraction outside (0, 1] or an unknown ``rope`` (one line).
+        ValueError: a rank fraction outside (0, 1], an unknown ``rope``, or a model that ``compress`` with
+            ``kv-projection`` refuses (quantized, attention already projected: :func:`methods.refusal`).
 
     References:
         Lesens, Rakhshan, Rabusseau, 2025 (attention-optimal projection, gap ε).
     """
     config = KVProjectionConfig(rank_fraction=rank_fraction, rope=rope)  # validates both
+    reason = refusal(KVProjectionConfig, model)
+    if reason:  # what compress --method kv-projection would refuse is not analysed either
+        raise ValueError(f"kv-analyze prepares kv-projection; {reason}")
     for name, ids in (("calibration_ids", calibration_ids), ("heldout_ids", heldout_ids)):
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
             raise ValueError(

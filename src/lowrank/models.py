@@ -106,12 +106,45 @@ def _check_weights(path: Path) -> None:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({problem}); save it again")
 
 
+def _check_loading_info(source: str | Path, info: dict) -> None:
+    """Refuse (one line naming the first tensor) weights that do not fit the config: a missing tensor would
+    be randomly initialised, a mismatched or unexpected one means the config describes another model."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        key, *shapes = mismatched[0] if isinstance(mismatched[0], tuple | list) else (mismatched[0],)
+        shown = f" (weights {tuple(shapes[0])}, config {tuple(shapes[1])})" if len(shapes) == 2 else ""
+        raise ValueError(
+            f"{source}: tensor {key!r} has another shape in the weights than config.json describes{shown}; "
+            f"{len(mismatched)} mismatching tensor(s): the config does not belong to these weights"
+        )
+    for kind, what in (
+        ("missing_keys", "missing from the weights"),
+        ("unexpected_keys", "not in config.json"),
+    ):
+        names = sorted(info.get(kind) or [])
+        if names:
+            raise ValueError(
+                f"{source}: tensor {names[0]!r} is {what} ({len(names)} tensor(s)); config.json and the "
+                "weights describe different models, refusing to use randomly initialised weights"
+            )
+
+
 def _load_hf(source: str | Path, device: str | torch.device, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank.memory import check_model_fits
 
     try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        check_model_fits(config, dtype, source)  # before anything is built: one line, not minutes
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True,  # reported by _check_loading_info below, never kept
+            output_loading_info=True,
+        )
     except ValueError as exc:
         if "trust_remote_code" not in str(exc) or trust_remote_code:
             raise
@@ -122,6 +155,7 @@ def _load_hf(source: str | Path, device: str | torch.device, dtype: torch.dtype,
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ValueError(f"{source}: could not load the model ({first})") from exc
+    _check_loading_info(source, info)
     model.to(device)
     model.eval()
     logger.debug("loaded %s (%s, %s)", source, dtype, device)

@@ -70,6 +70,14 @@ class Backend:
         """The dense weight of ``shape`` in ``dtype`` rebuilt from :meth:`quantize`'s tensors."""
         raise NotImplementedError
 
+    def check_stored(
+        self, stored: dict[str, tuple[tuple[int, ...], torch.dtype]], bits: int, group_size: int, shape
+    ) -> None:
+        """Refuse (one-line ``ValueError``) stored tensors whose shapes or dtypes cannot be what
+        :meth:`quantize` makes of a ``shape`` weight at ``bits`` and ``group_size``: a manifest that
+        claims other settings than the tensors it describes."""
+        raise NotImplementedError
+
 
 class HQQBackend(Backend):
     """HQQ: per-group asymmetric quantization with the scale and zero point fitted by half-quadratic
@@ -112,6 +120,33 @@ class HQQBackend(Backend):
             "scale": meta["scale"].to(self.scale_dtype).clone(),
             "zero": meta["zero"].to(self.scale_dtype).clone(),
         }
+
+    def check_stored(
+        self, stored: dict[str, tuple[tuple[int, ...], torch.dtype]], bits: int, group_size: int, shape
+    ) -> None:
+        self.check(bits, group_size)
+        unit = self.PAD_GROUPS.get(bits, 4) * group_size
+        groups = -(-shape[0] * shape[1] // unit) * unit // group_size
+        rows = -(-groups // 10) if bits == 3 else groups * bits // 8  # 3 bits: 10 values per int32
+        expected = {
+            "W_q": ((rows, group_size), torch.int32 if bits == 3 else torch.uint8),
+            "scale": ((groups, 1), None),
+            "zero": ((groups, 1), None),
+        }
+        if set(stored) != set(expected):
+            raise ValueError(f"hqq stores {sorted(expected)}; the manifest lists {sorted(stored)}")
+        for name, (want_shape, want_dtype) in expected.items():
+            got_shape, got_dtype = stored[name]
+            wrong_dtype = not got_dtype.is_floating_point if want_dtype is None else got_dtype != want_dtype
+            if tuple(got_shape) != want_shape or wrong_dtype:
+                raise ValueError(
+                    f"stored tensor {name!r} {tuple(got_shape)} {got_dtype} is not what hqq stores for a "
+                    f"{shape[0]} x {shape[1]} weight at bits={bits}, group_size={group_size} "
+                    f"({want_shape} {want_dtype or 'float'}): the manifest's settings do not match the "
+                    "tensors"
+                )
+        if stored["scale"][1] != stored["zero"][1]:
+            raise ValueError("hqq stores scale and zero in one dtype; the manifest lists two")
 
     def dequantize(
         self, stored: Quantized, bits: int, group_size: int, shape: tuple[int, int], dtype: torch.dtype

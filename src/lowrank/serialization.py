@@ -209,7 +209,12 @@ def load_compressed(
             raise ValueError(
                 f"{path / MANIFEST}: recorded module {name!r} does not exist in the model"
             ) from None
-        module = build_replacement(desc, original=original, model_config=config, device="meta", dtype=dtype)
+        try:
+            module = build_replacement(
+                desc, original=original, model_config=config, device="meta", dtype=dtype
+            )
+        except ValueError as exc:
+            raise ValueError(f"{path / MANIFEST}: module {name!r}: {exc}") from None
         replace_module(model, name, module)
     _load_state(model, _read_weights(path, dtype, manifest), path)
     model.to(device).eval()
@@ -249,6 +254,14 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
         raise ValueError(
             f"{path / WEIGHTS}: tensor {k!r} has shape {tuple(state[k].shape)} but {MANIFEST} describes "
             f"{tuple(expected[k].shape)} ({len(wrong)} mismatching tensor(s))"
+        )
+    # floating tensors were cast to the requested dtype; any other dtype is part of what the manifest says
+    kinds = [k for k, v in state.items() if not v.is_floating_point() and v.dtype != expected[k].dtype]
+    if kinds:
+        k = kinds[0]
+        raise ValueError(
+            f"{path / WEIGHTS}: tensor {k!r} is stored as {state[k].dtype} but {MANIFEST} describes "
+            f"{expected[k].dtype} ({len(kinds)} mismatching tensor(s))"
         )
     model.load_state_dict(state, strict=True, assign=True)
     if "tie_word_embeddings" in model.config.to_dict() and model.config.tie_word_embeddings:

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank.assets import cache_dir
+from lowrank.checked import load_checked, save_checked
 from lowrank.healing import vocab_size
-from lowrank.io import atomic_path
 from lowrank.kv_cache import cache_argument, make_cache
 from lowrank.layerwise import fingerprint, state_digest
 
@@ -38,7 +38,7 @@ __all__ = ["sample_sequences", "teacher_sequences"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2  # 2: the file carries its SHA-256 (lowrank.checked)
 
 
 def _special_ids(model: nn.Module) -> set[int]:
@@ -166,14 +166,7 @@ def teacher_sequences(
     path = directory / f"{key}.pt"
     stored = torch.empty(0, seq_len, dtype=torch.long)
     if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(
-                f"{path}: damaged stored sequences ({type(exc).__name__}); remove it to sample again"
-            ) from None
-        if not isinstance(stored, torch.Tensor) or stored.ndim != 2 or stored.shape[1] != seq_len:
-            raise ValueError(f"{path} does not hold (n, {seq_len}) token ids; remove it to sample again")
+        stored = _read_stored(path, seq_len, vocab_size(model))
     if len(stored) >= samples:
         return stored[:samples].clone()
     start = len(stored) - len(stored) % batch_size
@@ -187,7 +180,16 @@ def teacher_sequences(
     ) as bar:
         for part in _batches(model, total, seq_len, seed, temperature, batch_size, start):
             parts.append(part)
-            with atomic_path(path) as tmp:
-                torch.save(torch.cat(parts), tmp)
+            save_checked(torch.cat(parts), path)
             bar.update(part.numel())
     return torch.cat(parts)[:samples]
+
+
+def _read_stored(path: Path, seq_len: int, vocab: int) -> torch.Tensor:
+    """The stored token ids at ``path``, checked: SHA-256, shape ``(n, seq_len)``, ids in ``[0, vocab)``."""
+    stored = load_checked(path, "stored sequences", "remove it to sample again")
+    if not isinstance(stored, torch.Tensor) or stored.ndim != 2 or stored.shape[1] != seq_len:
+        raise ValueError(f"{path} does not hold (n, {seq_len}) token ids; remove it to sample again")
+    if stored.dtype != torch.long or (stored.numel() and (stored.min() < 0 or stored.max() >= vocab)):
+        raise ValueError(f"{path} holds token ids outside [0, {vocab}); remove it to sample again")
+    return stored

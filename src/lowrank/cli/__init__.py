@@ -25,6 +25,21 @@ __all__ = ["main", "build_parser"]
 SUBCOMMANDS = ("prepare", "evaluate", "compress", "heal", "demo", "bench", "kv-analyze")
 
 
+#: what an interrupted run of each command leaves behind and how to go on (one line after "interrupted; ")
+INTERRUPTED = {
+    "prepare": "finished cache entries are kept and leftovers are cleaned up on the next run; rerun it to "
+    "complete the rest",
+    "evaluate": "nothing was written; rerun it (--max-windows N evaluates fewer windows)",
+    "compress": "finished layers are kept when --checkpoint-dir is given (rerun the same command to resume)",
+    "heal": "training progress is kept every --checkpoint-minutes when --checkpoint-dir is given (rerun the "
+    "same command to resume)",
+    "demo": "finished layers of the compression are kept when --checkpoint-dir is given (rerun the same "
+    "command to resume)",
+    "bench": "results finished so far are not written; rerun it",
+    "kv-analyze": "nothing was written; rerun it (fewer --calib-samples / --heldout-samples run faster)",
+}
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``command`` names the subcommand whose derived flags are added (None: none)."""
     parser = argparse.ArgumentParser(
@@ -37,6 +52,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"lowrank.cli.{name.replace('-', '_')}")
         module.register(sub)
+        # accepted after the command too (``lowrank evaluate --debug``); SUPPRESS keeps the top-level value
+        sub.choices[name].add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+        sub.choices[name].add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
         if name == command and hasattr(module, "add_derived_flags"):
             module.add_derived_flags(sub.choices[name])
     return parser
@@ -72,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(
-            f"lowrank {args.command}: interrupted; finished layers are kept when --checkpoint-dir is given "
-            "(rerun the same command to resume)",
-            file=sys.stderr,
-        )
+        print(f"lowrank {args.command}: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
         return 130
     except _anticipated() as exc:
         if args.debug:

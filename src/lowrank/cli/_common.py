@@ -86,3 +86,33 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, what: str, checkpoi
         help="allow --out to replace a non-empty directory that this toolkit did not write",
     )
     parser.add_argument("--json", help="write the summary as JSON to this file")
+
+
+#: flags that must be integers >= 1 wherever a command has them (None: not given, e.g. 'all windows')
+_POSITIVE = ("seq_len", "max_windows", "batch_size", "prompt_len", "gen_len", "repeats")
+
+
+def check_lengths(args: argparse.Namespace) -> None:
+    """Refuse (one line naming the flag) a length or count below 1, before anything is loaded."""
+    for name in _POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value}")
+
+
+def check_positions(model: Any, args: argparse.Namespace, *, throughput: bool = True) -> None:
+    """Refuse (one line) a window or a prompt + generation longer than the model's positions, before any
+    compute: called right after the model is loaded."""
+    from lowrank.evaluation.throughput import check_workload
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and args.seq_len > limit:
+        raise ValueError(
+            f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={limit}; "
+            f"use at most {limit}"
+        )
+    if throughput:
+        check_workload(model, 1, args.prompt_len, args.gen_len, args.repeats, 0)

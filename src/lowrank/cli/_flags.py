@@ -156,6 +156,7 @@ def config_from_args(
 
     cls = config_class(method)
     data: dict[str, Any] = {**base, "method": method}
+    given: dict[str, str] = {}  # field → flag, to refuse two flags of one exclusive group as the API does
     for dest, spec in specs.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -163,8 +164,12 @@ def config_from_args(
         if method not in spec.methods:
             owners = ", ".join(spec.methods)
             raise ValueError(f"{spec.flag} is not an option of method {method!r} (it belongs to: {owners})")
+        given[spec.path[-1]] = spec.flag
         for group in cls.exclusive:
             if spec.path[-1] in group:
+                both = [given[f] for f in group if f in given]
+                if len(both) > 1:
+                    raise ValueError(f"{' and '.join(both)} are exclusive; give one of them")
                 for other in group:
                     data.pop(other, None)
         _set(data, spec.path, tuple(value) if isinstance(value, list) else value)

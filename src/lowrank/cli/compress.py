@@ -145,30 +145,52 @@ def summary_table(result: Any) -> str:
     return text
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse unusable or unsafe output paths before any work (one line each)."""
-    from lowrank.io import check_output_dir, check_output_file
+def run_inputs(args: argparse.Namespace, config: Any = None) -> dict[str, Any]:
+    """Label → path of everything the run reads (outputs may not touch any of them)."""
+    inputs = {"--model": args.model, "--config": getattr(args, "config", None)}
+    if config is not None:
+        inputs["--teacher"] = getattr(config, "teacher", None)
+        calibration = getattr(config, "calibration", None)
+        inputs["--calib-data"] = getattr(calibration, "data", None) if config.calibrated else None
+    return inputs
 
-    source = Path(args.model).expanduser()
+
+def check_outputs(args: argparse.Namespace, config: Any = None) -> None:
+    """Refuse unusable or unsafe output paths before any work (one line each): every output against
+    every input and every other output, then each output on its own."""
+    from lowrank.io import check_output_dir, check_output_file
+    from lowrank.paths import check_paths
+
+    outputs = {"--out": args.out, "--checkpoint-dir": args.checkpoint_dir, "--json": args.json}
+    check_paths(run_inputs(args, config), outputs)
     if args.out:
-        check_output_dir(args.out, overwrite=args.overwrite, protected=[source] if source.exists() else [])
+        check_output_dir(args.out, overwrite=args.overwrite)
     if args.json:
         check_output_file(args.json)
     if args.checkpoint_dir:
-        check_output_dir(args.checkpoint_dir, overwrite=True, protected=[source] if source.exists() else [])
+        check_output_dir(args.checkpoint_dir, overwrite=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    import lowrank
+    """Check every flag and path, lock the outputs, then compress."""
     from lowrank.cli._common import resolve_device
+    from lowrank.paths import output_lock
+
+    config = build_config(args)
+    check_outputs(args, config)
+    device = resolve_device(args.device)
+    with output_lock(args.out, args.json, args.checkpoint_dir):
+        return _compress(args, config, device)
+
+
+def _compress(args: argparse.Namespace, config: Any, device: str) -> int:
+    """Load, compress, print and save (the output paths are checked and locked)."""
+    import lowrank
     from lowrank.io import write_json
     from lowrank.methods import compress
     from lowrank.pipeline import calibration_tokens
     from lowrank.serialization import save_compressed
 
-    config = build_config(args)
-    check_outputs(args)
-    device = resolve_device(args.device)
     model, tokenizer = lowrank.load_model(args.model, trust_remote_code=args.trust_remote_code)
     calibration = calibration_tokens(config.calibration, tokenizer) if config.calibrated else None
     result = compress(

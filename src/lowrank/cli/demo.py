@@ -13,7 +13,14 @@ import logging
 import time
 from typing import Any
 
-from lowrank.cli._common import add_device_argument, add_model_arguments, format_table, resolve_device
+from lowrank.cli._common import (
+    add_device_argument,
+    add_model_arguments,
+    check_lengths,
+    check_positions,
+    format_table,
+    resolve_device,
+)
 
 __all__ = ["register", "run", "comparison_rows"]
 
@@ -124,10 +131,24 @@ def comparison_rows(
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check every flag and path before the slow steps, lock the outputs, then run the five steps."""
+    from lowrank.cli.compress import build_config, check_outputs
+    from lowrank.paths import output_lock
+
+    config = build_config(args, RECIPE, DEFAULT_METHOD)
+    check_lengths(args)
+    check_outputs(args, config)
+    device = resolve_device(args.device)
+    with output_lock(args.out, args.json, args.checkpoint_dir):
+        return _demo(args, config, device)
+
+
+def _demo(args: argparse.Namespace, config: Any, device: str) -> int:
+    """Compress, save, reload and compare (flags and paths already checked)."""
     import torch
 
     import lowrank
-    from lowrank.cli.compress import build_config, check_outputs, summary_table
+    from lowrank.cli.compress import summary_table
     from lowrank.data import tokenize
     from lowrank.evaluation import paired_throughput
     from lowrank.evaluation.report import evaluate_model
@@ -136,15 +157,13 @@ def run(args: argparse.Namespace) -> int:
     from lowrank.pipeline import calibration_tokens
     from lowrank.serialization import save_compressed
 
-    config = build_config(args, RECIPE, DEFAULT_METHOD)  # validate every flag and path before the slow steps
-    check_outputs(args)
-    device = resolve_device(args.device)
     eval_kwargs = dict(seq_len=args.seq_len, max_windows=args.max_windows)
     load = dict(device=device, trust_remote_code=args.trust_remote_code)
     details = config.to_dict()
     recipe = f"{config.method} + {details.get('decomposer', {}).get('name', '-')}"
 
     model, tokenizer = lowrank.load_model(args.model, **load)
+    check_positions(model, args)
     eval_ids = tokenize(tokenizer, lowrank.load_text(args.data, "test"))
     print(f"[1/5] perplexity and memory of the original {args.model} on {args.data}/test")
     before = evaluate_model(model, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lowrank.cli._common import add_device_argument, add_model_arguments, format_table, resolve_device
+from lowrank.cli._common import (
+    add_device_argument,
+    add_model_arguments,
+    check_lengths,
+    check_positions,
+    format_table,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +90,19 @@ def run(args: argparse.Namespace) -> int:
     from lowrank.evaluation.report import report_rows
     from lowrank.io import check_output_file, write_json
     from lowrank.models import load_model
+    from lowrank.paths import check_paths
 
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1 (omit it for the whole split); got {args.max_windows}")
+    check_lengths(args)
+    check_paths({"--model": args.model, "--data": args.data}, {"--json": args.json})
     if args.json:
         check_output_file(args.json)
     device = resolve_device(args.device)
     model, tokenizer = load_model(
         args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
+    check_positions(model, args, throughput=not args.no_throughput)
     text = load_text(args.data, args.split)
     try:
         report = _evaluate(model, tokenizer, text, args)

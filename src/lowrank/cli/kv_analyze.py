@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from lowrank.data import calibration_batches, load_text
     from lowrank.io import check_output_file, write_json, write_text
     from lowrank.kv_analysis import analyze_kv, plot_kv_analysis
+    from lowrank.methods import KVProjectionConfig
+    from lowrank.methods.base import refusal
     from lowrank.models import load_model
 
     _check_args(args)
@@ -81,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(path)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    reason = refusal(KVProjectionConfig, model)
+    if reason:  # before any data is read: a model compress --method kv-projection refuses
+        raise ValueError(f"{args.model}: kv-analyze prepares kv-projection; {reason}")
     draws = (("calibration", args.calib_samples, 0), ("test", args.heldout_samples, 1))
     calib, heldout = (
         calibration_batches(tokenizer, load_text(args.data, split), n, args.calib_seq_len, seed=seed)

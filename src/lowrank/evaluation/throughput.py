@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from lowrank.kv_cache import cache_argument, make_cache
 
-__all__ = ["ThroughputResult", "throughput", "paired_throughput"]
+__all__ = ["ThroughputResult", "throughput", "paired_throughput", "check_workload"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def _one_run(model, prompt: torch.Tensor, gen_len: int, device: torch.device) ->
     return t1 - t0, t2 - t1
 
 
-def _check_workload(model, batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
+def check_workload(model, batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
+    """Refuse (one line) a workload with a length below 1 or past the model's positions."""
     if min(batch_size, prompt_len, gen_len, repeats) < 1 or warmup < 0:
         raise ValueError(
             f"need batch_size, prompt_len, gen_len, repeats >= 1 and warmup >= 0; got "
@@ -141,7 +142,7 @@ def throughput(
         ValueError: a size below its minimum, or ``prompt_len + gen_len`` above the model's
             ``max_position_embeddings`` (checked before any compute).
     """
-    _check_workload(model, batch_size, prompt_len, gen_len, repeats, warmup)
+    check_workload(model, batch_size, prompt_len, gen_len, repeats, warmup)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(seed)
@@ -208,7 +209,7 @@ def paired_throughput(
     defaults = inspect.signature(throughput).parameters
     shape = {k: workload.get(k, defaults[k].default) for k in ("batch_size", "prompt_len", "gen_len")}
     for model in models.values():  # every model's workload is valid before any of them runs
-        _check_workload(model, **shape, repeats=repeats, warmup=0)
+        check_workload(model, **shape, repeats=repeats, warmup=0)
     for model in models.values():
         throughput(model, warmup=0, repeats=1, progress=False, **workload)
     runs: dict[str, list[ThroughputResult]] = {name: [] for name in models}

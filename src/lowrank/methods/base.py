@@ -41,6 +41,7 @@ __all__ = [
     "count_parameters",
     "weight_bytes",
     "applied_methods",
+    "refusal",
     "applied_summaries",
 ]
 
@@ -65,6 +66,9 @@ class MethodConfig:
     """Groups of fields of which a user gives one (setting one clears the others of the group)."""
     calibrated: ClassVar[bool] = False
     """The method needs calibration data (its config has a ``calibration`` field)."""
+    follows: ClassVar[tuple[str, ...] | None] = None
+    """The methods this one may be applied after (None: any). A model that holds any other applied method
+    is refused in one line before any work (e.g. an attention method after ``quantize``)."""
     example: ClassVar[dict[str, Any]] = {}
     """Keyword arguments of a small valid config (the method × architecture test matrix uses it)."""
 
@@ -233,6 +237,30 @@ def _kv_bytes(model: nn.Module) -> float | None:
         return None
 
 
+def _stacking_problem(cls: type[MethodConfig], applied: list[dict[str, Any]]) -> str | None:
+    """Why ``cls`` cannot follow the methods already ``applied`` (its ``follows`` declaration), or None."""
+    if cls.follows is None:
+        return None
+    for earlier in applied:
+        name = earlier.get("method") if isinstance(earlier, dict) else None
+        if name not in cls.follows:
+            allowed = ", ".join(cls.follows) or "none: an unmodified model only"
+            return f"it cannot be applied after {name!r} (it may follow: {allowed})"
+    return None
+
+
+def refusal(cls: type[MethodConfig], model: nn.Module) -> str | None:
+    """Why ``compress`` would refuse method ``cls`` on ``model`` before any work (one line), or None.
+
+    The method's ``follows`` declaration against the methods already applied, then its ``unsupported``
+    check. Tools that prepare a method (``kv-analyze`` for ``kv-projection``) refuse the same models.
+    """
+    reason = _stacking_problem(cls, applied_methods(model)) or cls.unsupported(model)
+    if reason:
+        return f"method {cls.method!r} does not support {type(model).__name__}: {reason}"
+    return None
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig,
@@ -263,9 +291,9 @@ def compress(
         )
     from lowrank.linalg import fallback_counts
 
-    reason = type(config).unsupported(model)
+    reason = refusal(type(config), model)
     if reason:
-        raise ValueError(f"method {config.method!r} does not support {type(model).__name__}: {reason}")
+        raise ValueError(reason)
     if calibration is not None and not config.calibrated:
         logger.warning(
             "method %r reads no calibration text with these settings; the calibration given is ignored",

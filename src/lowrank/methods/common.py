@@ -44,6 +44,15 @@ class LowRankConfig(MethodConfig):
     """Fields of every method that replaces linear layers by low-rank factors."""
 
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("ratio", "keep_singular_fraction"),)
+    follows: ClassVar[tuple[str, ...] | None] = (
+        "svd",
+        "svd-llm",
+        "svd-llm-v2",
+        "mla",
+        "kv-projection",
+        "heal",
+    )
+    """Dense linears left by any weight or attention method; never quantized ones."""
     example: ClassVar[dict[str, Any]] = {"ratio": 0.3}
 
     ratio: float | None = None
@@ -233,14 +242,30 @@ def truncate_layer(
     return {"entries": entries}
 
 
+def built_rank(module: nn.Module) -> int | None:
+    """The inner dimension of a factored linear as built (its factors' shapes), None for a dense one."""
+    if isinstance(module, LowRankLinear):
+        return int(module.down.weight.shape[0])
+    return None
+
+
 def lowrank_result(
-    config: LowRankConfig, plan: list[Target], records: list[dict[str, Any]], **details: Any
+    model: nn.Module,
+    config: LowRankConfig,
+    plan: list[Target],
+    records: list[dict[str, Any]],
+    **details: Any,
 ) -> CompressionResult:
-    """Ranks as built, both ratio conventions and fallbacks of a low-rank pass as a ``CompressionResult``."""
+    """Ranks as built, both ratio conventions and fallbacks of a low-rank pass as a ``CompressionResult``.
+
+    Ranks are read from the modules in ``model`` (their factors' shapes), never from the records: a
+    record restored from a checkpoint's ``progress.json`` may say anything.
+    """
     by_index = {r.get("layer"): r for r in records}
     modules: dict[str, dict[str, Any]] = {}
     for t in plan:
-        info = dict(by_index.get(t.layer, {}).get("entries", {}).get(t.rel, {"rank": None}))
+        info = dict(by_index.get(t.layer, {}).get("entries", {}).get(t.rel, {}))
+        info["rank"] = built_rank(model.get_submodule(t.name))
         modules[t.name] = {"kind": t.kind, "shape": [t.out_features, t.in_features], **info}
     shapes = [(t.out_features, t.in_features, modules[t.name]["rank"]) for t in plan]
     before = sum(dense_parameters(m, n) for m, n, _ in shapes)

@@ -36,7 +36,7 @@ from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
 from lowrank.kv_cache import install_cache
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.nn import KVProjection, dense_weight
+from lowrank.nn import KVProjection, LowRankLinear, dense_weight
 from lowrank.pipeline import CalibrationConfig, RunContext
 from lowrank.surgery import get_module, replace_module
 
@@ -50,11 +50,30 @@ ROPE_MODES = ("post", "pre")
 RANK_ALLOCATIONS = ("uniform", "budget")
 
 
+def attention_weights_problem(model: nn.Module) -> str | None:
+    """Why the attention projections' weights cannot be read as dense matrices (one line), or None.
+
+    The KV codecs are fitted to the dense weights of q/k/v/o (``nn.Linear``, or the product of a
+    ``LowRankLinear``'s factors); a quantized or otherwise replaced projection has none.
+    """
+    spec = get_arch_spec(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        for kind in ("q", "k", "v", "o"):
+            module = get_module(layer, spec.linears[kind])
+            if not isinstance(module, nn.Linear | LowRankLinear):
+                return (
+                    f"{spec.layers}.{index}.{spec.linears[kind]} is a {type(module).__name__}, not a dense "
+                    "or low-rank linear layer (its weights cannot be read as a matrix)"
+                )
+    return None
+
+
 @dataclass(kw_only=True)
 class KVProjectionConfig(MethodConfig):
     """Low-rank projections of the cached keys and values, per layer and KV head."""
 
     method: ClassVar[str] = "kv-projection"
+    follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
     example: ClassVar[dict[str, Any]] = {"rank_fraction": 0.5}
 
@@ -96,7 +115,7 @@ class KVProjectionConfig(MethodConfig):
     def unsupported(cls, model: nn.Module) -> str | None:
         if any(isinstance(m, ProjectedAttention) for m in model.modules()):
             return "its attention already caches compressed keys and values (kv-projection or mla applied)"
-        return None
+        return attention_weights_problem(model)
 
     def rank(self, head_dim: int) -> int:
         """R for heads of ``head_dim`` dimensions: round(rank_fraction · d), at least 1."""

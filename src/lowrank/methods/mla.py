@@ -57,6 +57,7 @@ class MLAConfig(MethodConfig):
     """Partial RoPE plus a low-rank latent K/V cache per KV head."""
 
     method: ClassVar[str] = "mla"
+    follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_rank", "kv_fraction"),)
     example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_rank": 8}
@@ -126,7 +127,9 @@ class MLAConfig(MethodConfig):
             )
         if any(isinstance(m, ProjectedAttention) for m in model.modules()):
             return "its attention already caches compressed keys and values"
-        return None
+        from lowrank.methods.kv_projection import attention_weights_problem
+
+        return attention_weights_problem(model)
 
     def ranks(self, head_dim: int) -> tuple[int, int, int]:
         """(rope pairs, key latent rank, value latent rank) per KV head; joint: the two ranks are equal.

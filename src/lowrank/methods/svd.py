@@ -54,7 +54,7 @@ def compress_svd(model: nn.Module, config: SVDConfig, ctx: RunContext) -> Compre
         return {"entries": _factor_layer(layer, layered.get(index, []), decompose, config.dtype, ctx)}
 
     records = ctx.layer_pass(None, process, desc="svd")
-    return lowrank_result(config, plan, records)
+    return lowrank_result(model, config, plan, records)
 
 
 def _factor_layer(

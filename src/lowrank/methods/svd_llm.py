@@ -100,7 +100,7 @@ def truncation_pass(
         checkpoint=checkpoint,
         min_tokens_for=max(t.in_features for t in plan),
     )
-    result = lowrank_result(config, plan, records, **details)
+    result = lowrank_result(model, config, plan, records, **details)
     if result.fallbacks:
         logger.warning(
             "%d Gram matrix/matrices were not positive definite; used eigendecomposition + pseudo-inverse "

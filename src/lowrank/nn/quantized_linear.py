@@ -152,12 +152,14 @@ class QuantizedLinear(nn.Module):
     ) -> QuantizedLinear:
         from lowrank.quantization import get_backend
 
-        get_backend(spec.get("backend"))  # an unknown backend: the registry's one-line error, at load time
+        backend = get_backend(spec.get("backend"))  # an unknown backend: a one-line error at load time
         try:
             stored = {
                 name: (tuple(int(n) for n in s["shape"]), _dtype(s["dtype"]))
                 for name, s in spec["stored"].items()
             }
+            shape = (int(spec["out_features"]), int(spec["in_features"]))
+            backend.check_stored(stored, int(spec["bits"]), int(spec["group_size"]), shape)
             return cls(
                 int(spec["in_features"]),
                 int(spec["out_features"]),
