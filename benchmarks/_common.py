@@ -17,7 +17,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def git_sha(short: bool = False) -> str | None:
-    """The repository's HEAD commit (with ``-dirty`` when the tree has changes), or ``None`` outside git."""
+    """The repository's HEAD commit (with ``-dirty`` when the tree has changes), or ``None`` outside git.
+
+    ``LOWRANK_GIT_SHA`` in the environment overrides it (as in ``lowrank bench rsvd``): the commit of a
+    copy of the tree measured on a machine without the repository.
+    """
+    if os.environ.get("LOWRANK_GIT_SHA"):
+        return os.environ["LOWRANK_GIT_SHA"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -62,7 +68,7 @@ def env_info(device: str = "cpu") -> dict[str, Any]:
     import torch
     import transformers
 
-    return {
+    info = {
         "device": device,
         "device_name": device_name(device),
         "torch": torch.__version__,
@@ -70,6 +76,9 @@ def env_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "git_sha": git_sha(),
     }
+    if device.startswith("cuda"):
+        info["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return info
 
 
 def write_results(

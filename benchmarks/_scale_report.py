@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from _random_llama import describe
+
 from lowrank.cli._common import format_table
 
 STAGES = ("calibration_forward", "gram_accumulation", "whitening", "decomposition", "other")
@@ -120,13 +122,13 @@ def _projection_section(proj: dict[str, Any]) -> list[str]:
 def markdown(p: dict[str, Any]) -> str:
     env, cal, s = p["env"], p["calibration"], p["settings"]
     layers = p["model"]["num_hidden_layers"]
-    label = "REDUCED validation run" if p["reduced"] else "full-size run"
+    label = "REDUCED run" if p["reduced"] else "full-size run"
     if s["device"] == "cpu":
         label += " on CPU"
     out = [
-        f"# Compression at scale: {p['settings']['method']}, Llama-2-7B-shaped random model on "
+        f"# Compression at scale: {p['settings']['method']}, {p['model']['shape']}-shaped random model on "
         f"{env['device_name']} ({label})",
-        f"{layers} decoder layer(s) of hidden 4096 / MLP 11008 / 32 heads / 32 KV heads / vocab 32000 in "
+        f"{layers} decoder layer(s) of {describe(p['model'])} in "
         f"{p['model']['dtype']}; weights: {p['init']}; weights stay on the host, one layer at a time visits "
         f"{s['device']}. Calibration: {cal['samples']} × {cal['seq_len']} random token ids "
         f"({cal['tokens']:,} tokens), sequential (each layer sees the compressed previous layers).",
@@ -164,7 +166,8 @@ def markdown(p: dict[str, Any]) -> str:
         out += _kernel_section(p["kernels"], env["device_name"], p["runs"])
     if p["reduced"]:
         out.append(
-            "This run validates the script at reduced size; the full-size measurement is "
-            "`python benchmarks/compress_scale.py --device cuda` (32 layers, 256 × 2048 tokens)."
+            "This run is reduced (fewer layers, calibration tokens or a smaller shape; the projection above "
+            "scales it); the full-size measurement is `python benchmarks/compress_scale.py --device cuda` "
+            "(Llama-2-7B shape, 32 layers, 256 × 2048 tokens)."
         )
     return "\n\n".join(out) + "\n"

@@ -2,18 +2,21 @@
 
     python benchmarks/compress_scale.py --device cuda          # 32 layers, 256 × 2048 tokens, one GPU
     python benchmarks/compress_scale.py --device cpu --layers 1 --calib-samples 24 --seq-len 512
+    python benchmarks/compress_scale.py --device cpu --shape smoke --layers 2 --calib-samples 4 \
+        --seq-len 128 --results-dir /tmp/scale_smoke          # checks the script in seconds
 
-The model has Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 32 KV heads, vocab 32000) and
-Gaussian weights (std ``--init-std``, norms at 1): flat Marchenko–Pastur spectra, the hard case for a
-randomized SVD's accuracy (its run time does not depend on the spectrum). It is built on the meta device
-and initialised tensor by tensor in ``--dtype`` on the host, so the full fp32 model is never materialised;
-the library moves one decoder layer at a time to ``--device``. Each decomposer compresses a fresh copy
-of the same weights (same seed) with the same calibration tokens. Ratios: ``ratio`` is the fraction of
-targeted linear-layer parameters REMOVED (SVD-LLM convention).
+The model has Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 32 KV heads, vocab 32000; ``--shape
+smoke``: a tiny one of the same structure) and Gaussian weights (std ``--init-std``, norms at 1): flat
+Marchenko–Pastur spectra, the hard case for a randomized SVD's accuracy (its run time does not depend on
+the spectrum). It is built on the meta device and initialised tensor by tensor in ``--dtype`` on the host
+(``_random_llama.build_model``), so the full fp32 model is never materialised; the library moves one
+decoder layer at a time to ``--device``. Each decomposer compresses a fresh copy of the same weights
+(same seed) with the same calibration tokens. Ratios: ``ratio`` is the fraction of targeted linear-layer
+parameters REMOVED (SVD-LLM convention).
 
-Writes ``benchmarks/results/compress_scale_<device>.json`` and ``.md`` (after every run, so a run cut
-short keeps what finished); the last line printed is one JSON line with the device, torch version and
-git SHA.
+Writes ``<results-dir>/compress_scale_<device>.json`` and ``.md`` (``benchmarks/results/`` by default;
+after every run, so a run cut short keeps what finished); the last line printed is one JSON line with the
+device, torch version and git SHA.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import gc
 import logging
 import os
-import re
 import resource
 import sys
 import time
@@ -31,26 +33,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import env_info, final_line, write_results  # noqa: E402
+from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, device_tag  # noqa: E402
 from _scale_report import markdown, per_layer, projection  # noqa: E402
 
-#: Llama-2-7B shapes (``num_hidden_layers`` comes from ``--layers``).
-LLAMA2_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-FULL_LAYERS, FULL_SAMPLES, FULL_SEQ = 32, 256, 2048
+FULL_SAMPLES, FULL_SEQ = 256, 2048
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="compute device (default: cuda)")
+    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
     p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
     p.add_argument("--calib-samples", type=int, default=FULL_SAMPLES, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=FULL_SEQ, help="tokens per calibration sequence")
@@ -75,42 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="time kernels")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--name", default=None, help="results name (default: compress_scale_<device>)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the results are written")
     return p
-
-
-def device_tag(device: str) -> str:
-    """``cpu``, or the GPU model in lower case (``h100``, ``a100``…), else ``cuda``."""
-    import torch
-
-    if device == "cpu":
-        return "cpu"
-    found = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", torch.cuda.get_device_name())
-    return found.group(1).lower() if found else "cuda"
-
-
-def build_model(layers: int, dtype, std: float, seed: int, init_device: str):
-    """A Llama-2-7B-shaped ``LlamaForCausalLM`` on the CPU in ``dtype`` with seeded Gaussian weights.
-
-    Built on the meta device, allocated empty in ``dtype`` and filled one tensor at a time (drawn in
-    float32 on ``init_device`` from one seeded generator, so the result does not depend on the host).
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**LLAMA2_7B, num_hidden_layers=layers)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to(dtype).to_empty(device="cpu")
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # float32 buffers, recomputed
-    gen = torch.Generator(device=init_device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                w = torch.empty(param.shape, device=init_device).normal_(0.0, std, generator=gen)
-                param.copy_(w.to(dtype))
-    return model.eval()
 
 
 def calibration_tokens(samples: int, seq_len: int, vocab: int, seed: int):
@@ -153,7 +112,7 @@ def compress_once(args: argparse.Namespace, decomposer: str, tokens, dtype) -> d
 
     cuda = args.device == "cuda"
     start = time.perf_counter()
-    model = build_model(args.layers, dtype, args.init_std, args.seed, args.device)
+    model = build_model(args.shape, args.layers, dtype, args.init_std, args.seed, args.device)
     build_s = time.perf_counter() - start
     config = method_config(args, decomposer)
     if cuda:
@@ -161,9 +120,10 @@ def compress_once(args: argparse.Namespace, decomposer: str, tokens, dtype) -> d
         torch.cuda.reset_peak_memory_stats()
     result = compress(model, config, calibration=tokens, device=args.device)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    probe = tokens[:1, :64]
+    on_host = all(p.device.type == "cpu" for p in model.parameters())
+    model.to(args.device)  # the probe runs on the compute device: a bf16 7B forward on a host CPU is slow
     with torch.no_grad():
-        logits = model(input_ids=probe, use_cache=False).logits
+        logits = model(input_ids=tokens[:1, :64].to(args.device), use_cache=False).logits
     losses = {name: m.get("loss") for name, m in result.modules.items()}
     record = {
         "decomposer": result.details["decomposer"],
@@ -179,7 +139,7 @@ def compress_once(args: argparse.Namespace, decomposer: str, tokens, dtype) -> d
         "decomposer_fallbacks": result.details.get("decomposer_fallbacks", {}),
         "truncation_loss_sum": sum(v for v in losses.values() if v is not None),
         "truncation_loss_layer0": sum(v for k, v in losses.items() if v is not None and ".layers.0." in k),
-        "weights_on_host_after": all(p.device.type == "cpu" for p in model.parameters()),
+        "weights_on_host_after": on_host,
         "finite_logits_after": bool(torch.isfinite(logits.float()).all()),
     }
     del model, result, logits
@@ -197,11 +157,11 @@ def time_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     from lowrank.linalg import get_decomposer
     from lowrank.linalg.allocation import rank_for_ratio
 
-    h, f = LLAMA2_7B["hidden_size"], LLAMA2_7B["intermediate_size"]
+    h, f = SHAPES[args.shape]["hidden_size"], SHAPES[args.shape]["intermediate_size"]
     shapes = {
-        "q/k/v/o (4096×4096)": (h, h, 4),
-        "gate/up (11008×4096)": (f, h, 2),
-        "down (4096×11008)": (h, f, 1),
+        f"q/k/v/o ({h}×{h})": (h, h, 4),
+        f"gate/up ({f}×{h})": (f, h, 2),
+        f"down ({h}×{f})": (h, f, 1),
     }
     dtype = getattr(torch, args.compute_dtype)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -255,18 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = args.tf32
     tf32 = args.device == "cuda" and args.tf32
     dtype = getattr(torch, args.dtype)
-    tokens = calibration_tokens(args.calib_samples, args.seq_len, LLAMA2_7B["vocab_size"], args.seed)
+    shape = SHAPES[args.shape]
+    tokens = calibration_tokens(args.calib_samples, args.seq_len, shape["vocab_size"], args.seed)
     name = args.name or f"compress_scale_{device_tag(args.device)}"
     env = env_info(args.device)
-    reduced = (args.layers, args.calib_samples, args.seq_len) != (FULL_LAYERS, FULL_SAMPLES, FULL_SEQ)
+    size = (args.shape, args.layers, args.calib_samples, args.seq_len)
+    reduced = size != (FULL_SHAPE, FULL_LAYERS, FULL_SAMPLES, FULL_SEQ)
     warm_up(args.device)
     payload: dict[str, Any] = {
         "benchmark": "compress_scale",
         "reduced": reduced,
-        "model": {**LLAMA2_7B, "num_hidden_layers": args.layers, "dtype": args.dtype},
+        "model": {"shape": args.shape, **shape, "num_hidden_layers": args.layers, "dtype": args.dtype},
         "init": f"Gaussian N(0, {args.init_std}²) for every weight matrix and embedding, RMSNorm weights 1",
         "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len, "tokens": tokens.numel()},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("name",)} | {"tf32_used": tf32},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("name", "results_dir")}
+        | {"tf32_used": tf32},
         "ratio_convention": "ratio = fraction of targeted linear-layer parameters removed (SVD-LLM)",
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_start": round(os.getloadavg()[0], 2),
@@ -298,7 +261,7 @@ def _finish(
     payload["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
     text = markdown(payload)
-    write_results(name, payload, text)
+    write_results(name, payload, text, args.results_dir)
     if not final:
         return 0
     print(text)
