@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from lowrank.architectures import attention_implementation
     from lowrank.evaluation import paired_throughput
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             **SHAPES[args.shape],
             "num_hidden_layers": args.layers,
             "dtype": args.dtype,
-            "attn_implementation": original.config._attn_implementation,
+            "attn_implementation": attention_implementation(original.config),
         },
         "conventions": {
             "ratio": RATIO,

@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from lowrank.architectures import attention_implementation
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     if args.threads:
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_position_embeddings": original.config.max_position_embeddings,
             "num_hidden_layers": args.layers,
             "dtype": args.dtype,
-            "attn_implementation": original.config._attn_implementation,
+            "attn_implementation": attention_implementation(original.config),
         },
         "conventions": {
             "kv_fraction": "cached K/V numbers KEPT per token and layer (mla: (rope_dim + kv_rank) / "

@@ -116,7 +116,7 @@ def test_pre_rope_on_sliding_windows_is_refused_before_any_work():
         compress(model, KVProjectionConfig(rope="pre"), calibration=_calibration())
     assert not any(isinstance(m, ProjectedAttention) for m in model.modules())
     compress(model, KVProjectionConfig(rank_fraction=0.5), calibration=_calibration())
-    with pytest.raises(ValueError, match="already caches compressed"):
+    with pytest.raises(ValueError, match="cannot be applied after 'kv-projection'"):
         compress(model, KVProjectionConfig(rank_fraction=0.5), calibration=_calibration())
 
 
