@@ -165,6 +165,11 @@ class ProjectedAttention(nn.Module):
         keys = self._heads(self.k_proj(hidden_states), layer.k_norm)
         values = self._heads(self.v_proj(hidden_states), None)
         if layer.rope:
+            if position_embeddings[0].shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"layer {self.layer_idx}: RoPE tables of width {position_embeddings[0].shape[-1]} for "
+                    f"heads of {self.head_dim}; only full-width rotary embeddings are supported"
+                )
             queries, keys = rotate(queries, *position_embeddings), rotate(keys, *position_embeddings)
         projects = isinstance(cache, ProjectedKVCache) and self.layer_idx in cache.projected
         if projects:
