@@ -85,7 +85,7 @@ def write_results(
     name: str, payload: dict[str, Any], markdown: str | None = None, directory: Path = RESULTS_DIR
 ) -> Path:
     """Write ``<directory>/<name>.json`` (and ``.md`` when given) atomically; ``results/`` by default."""
-    from lowrank.io import write_json, write_text
+    from lowrank.io.files import write_json, write_text
 
     path = Path(directory) / f"{name}.json"
     write_json(path, payload)
@@ -152,10 +152,10 @@ def kv_statistics(model: Any, ids: Any) -> tuple[Any, float]:
     """
     import time
 
-    from lowrank.architectures import get_arch_spec
-    from lowrank.attention_stats import attention_request
-    from lowrank.calibration import InputGram, StatRequest
-    from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
+    from lowrank.calibration.attention_stats import attention_request
+    from lowrank.calibration.capture import InputGram, StatRequest
+    from lowrank.calibration.pipeline import CalibrationConfig, collect_calibration_statistics
+    from lowrank.nn.architectures import get_arch_spec
 
     cal = CalibrationConfig(sequential=False, samples=ids.shape[0], seq_len=ids.shape[1])
     k_path = get_arch_spec(model).linears["k"]
@@ -185,7 +185,7 @@ def load_for_evaluation(args: Any) -> tuple[Any, Any, dict[str, tuple[Any, int]]
     """``(model, tokenizer, eval_ids)``: ``args.model`` loaded, and the wiki-test and shakespeare token ids
     with the number of 512-token windows to evaluate (``args.windows``, ``args.windows_shakespeare``)."""
     import lowrank
-    from lowrank.data import tokenize
+    from lowrank.io.data import tokenize
 
     model, tokenizer = lowrank.load_model(args.model)
     eval_ids = {
@@ -213,7 +213,7 @@ def save_figure(fig: Any, path: Path) -> Path:
     """Lay out, write atomically as PNG, and close a matplotlib figure; return ``path``."""
     import matplotlib.pyplot as plt
 
-    from lowrank.io import atomic_path
+    from lowrank.io.files import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:

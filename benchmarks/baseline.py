@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lowrank.data import load_text, tokenize
     from lowrank.evaluation import memory_report, perplexity, throughput
-    from lowrank.models import load_model
+    from lowrank.io.data import load_text, tokenize
+    from lowrank.loading.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -171,9 +171,9 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from lowrank.data import calibration_batches, load_text, tokenize
+        from lowrank.io.data import calibration_batches, load_text, tokenize
+        from lowrank.loading.models import load_model
         from lowrank.methods import collect_gram_statistics
-        from lowrank.models import load_model
 
         self.args = args
         self.model, tok = load_model(args.model)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lowrank.io import write_json
+    from lowrank.io.files import write_json
     from lowrank.methods import SVDLLMV2Config
 
     if args.threads:
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_one(
     runner: Runner, state: dict[str, Any], spec: dict[str, Any], step: str, speed: bool, path
 ) -> None:
-    from lowrank.io import write_json
+    from lowrank.io.files import write_json
 
     done = state["configs"]
     if spec["key"] in done:

@@ -64,7 +64,7 @@ def factorize(model, ratio: float) -> dict[str, Any]:
     from lowrank.methods.common import plan_targets
     from lowrank.methods.svd import SVDConfig
     from lowrank.nn import LowRankLinear
-    from lowrank.surgery import get_module, replace_module
+    from lowrank.nn.surgery import get_module, replace_module
 
     plan = plan_targets(model, SVDConfig(ratio=ratio, factorize_all=ratio == 0.0))
     dense = kept = 0
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lowrank.architectures import attention_implementation
     from lowrank.evaluation import paired_throughput
+    from lowrank.nn.architectures import attention_implementation
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")

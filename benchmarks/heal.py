@@ -12,10 +12,11 @@
 
 For every configuration (a compression method at one setting) the script compresses a fresh copy of the
 model once, measures its perplexity, then for every token budget heals a copy of the compressed model
-against the original (``lowrank.healing.heal``, the teacher in memory, ``HealConfig`` defaults unless
+against the original (``lowrank.training.healing.heal``, the teacher in memory, ``HealConfig`` defaults unless
 given) and measures it again, on the same wiki-test and shakespeare windows as the original in the same
 run. Healing trains on the wiki ``calibration`` split, disjoint from the ``test`` split evaluated here,
-or with ``--source teacher`` on sequences the original samples itself (``lowrank.synthetic``, cached);
+or with ``--source teacher`` on sequences the original samples itself (``lowrank.training.teacher_text``,
+cached);
 shakespeare is out of domain and never trained on. Budgets run in ascending order over all configurations,
 so an interrupted run has the small budgets of every configuration first; each finished (configuration,
 budget) is written to ``<results-dir>/<out-name>.partial.json`` and ``--resume`` continues from it. The
@@ -58,7 +59,7 @@ from _common import (  # noqa: E402
 from _heal_report import objective_defaults  # noqa: E402
 from _heal_report import reference_key as _reference_key  # noqa: E402
 
-from lowrank.healing import PRECISIONS, SOURCES, TRAINABLE  # noqa: E402
+from lowrank.training.healing import PRECISIONS, SOURCES, TRAINABLE  # noqa: E402
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
@@ -201,10 +202,10 @@ class _Run:
         """The model compressed with configuration ``index`` and its measurements (made on first use, kept
         in the work folder; ``--resume`` reloads it from there, its compression time then unknown)."""
         if index not in self._compressed:
-            from lowrank.layerwise import fingerprint
+            from lowrank.calibration.layerwise import fingerprint
+            from lowrank.calibration.pipeline import calibration_tokens
+            from lowrank.loading.serialization import is_compressed_dir, load_compressed, save_compressed
             from lowrank.methods import compress, config_from_dict
-            from lowrank.pipeline import calibration_tokens
-            from lowrank.serialization import is_compressed_dir, load_compressed, save_compressed
 
             calibration = {"samples": self.args.calib_samples, "seq_len": self.args.calib_seq_len}
             settings = {**CONFIGS[index][1], "calibration": calibration}
@@ -252,8 +253,8 @@ class _Run:
     def text(self, config) -> tuple[Any, float]:
         """(token ids healing trains on, seconds to make them): wiki calibration sequences, or for
         ``source='teacher'`` as many sequences sampled by the original (kept in the cache directory)."""
-        from lowrank.pipeline import calibration_tokens
-        from lowrank.synthetic import teacher_sequences
+        from lowrank.calibration.pipeline import calibration_tokens
+        from lowrank.training.teacher_text import teacher_sequences
 
         if config.source == "corpus":
             return calibration_tokens(config.calibration, self.tokenizer), 0.0
@@ -267,7 +268,7 @@ class _Run:
         under the same autocast as healing's held-out evaluations (their reference point)."""
         import torch
 
-        from lowrank.healing import autocast_dtype, distillation_loss, split_tokens
+        from lowrank.training.healing import autocast_dtype, distillation_loss, split_tokens
 
         config = dataclasses.replace(self.heal_config(tokens), source=source)
         _, heldout = split_tokens(self.text(config)[0], config)
@@ -291,7 +292,7 @@ class _Run:
     ) -> dict[str, Any]:
         """Heal a copy of compressed model ``index`` (checkpointed in the work folder under ``key``: a
         ``--resume`` continues from the last checkpoint, a fresh run starts afresh) and measure it."""
-        from lowrank.healing import CHECKPOINT_FILE, CheckpointError, heal
+        from lowrank.training.healing import CHECKPOINT_FILE, CheckpointError, heal
 
         compressed, _ = self.compressed(index)
         config = self.heal_config(tokens, learning_rate, trainable, objective)
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     state, partial, load_before, started = open_run(args, settings)
     if not args.report_only:
-        from lowrank.io import write_json
+        from lowrank.io.files import write_json
 
         run = _Run(args)
         if "original" not in state:
@@ -386,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             if "compressed" not in entry:
                 entry["compressed"] = run.compressed(index)[1]
                 write_json(partial, state)
-        from lowrank.dtypes import dtype_name
-        from lowrank.healing import autocast_dtype, default_learning_rate, resolve_trainable
+        from lowrank.core.dtypes import dtype_name
+        from lowrank.training.healing import autocast_dtype, default_learning_rate, resolve_trainable
 
         amp = autocast_dtype(args.precision, "cpu")
         compute = "float32" if amp is None else dtype_name(amp)

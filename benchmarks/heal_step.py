@@ -5,7 +5,8 @@
 
 The student is the built-in model with every decoder linear factorized by plain ``svd`` at 20 % removed
 (data-free, so the script starts in seconds; the shapes are those healing trains for svd-llm-v2 20 %). One
-step is the one ``lowrank.healing`` takes: the teacher's forward under ``no_grad``, the student's forward,
+step is the one ``lowrank.training.healing`` takes: the teacher's forward under ``no_grad``, the student's
+forward,
 the distillation loss, backward, clipping and the AdamW update, under the autocast of each precision.
 Every phase is timed on its own; the median of ``--steps`` steps after one warm-up step is reported.
 
@@ -47,7 +48,7 @@ def _step(student, teacher, ids, params, optimizer, amp) -> dict[str, float]:
     """One healing step, each phase timed."""
     import torch
 
-    from lowrank.healing import CLIP_NORM, distillation_loss
+    from lowrank.training.healing import CLIP_NORM, distillation_loss
 
     times, clock = {}, time.perf_counter()
 
@@ -75,7 +76,7 @@ def _step(student, teacher, ids, params, optimizer, amp) -> dict[str, float]:
 def _measure(args, student, teacher, amp) -> dict[str, float]:
     import torch
 
-    from lowrank.healing import trainable_parameters
+    from lowrank.training.healing import trainable_parameters
 
     params = list(trainable_parameters(student).values())
     for p in student.parameters():
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import lowrank
-    from lowrank.healing import fast_bfloat16
     from lowrank.methods import SVDConfig, compress
+    from lowrank.training.healing import fast_bfloat16
 
     if args.threads:
         torch.set_num_threads(args.threads)

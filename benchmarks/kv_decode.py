@@ -17,7 +17,8 @@ and the exact one spends device time on 1,024 float64 SVDs that the decode speed
 
 Cache fill: decode cost does not depend on what the cache holds, so instead of a real prefill of
 batch × context tokens each model prefills ``--seed-len`` random tokens per sequence into a fresh cache of
-its own class (:func:`lowrank.kv_cache.make_cache`), and every layer's cached tensors are repeated along the
+its own class (:func:`lowrank.attention.cache.make_cache`), and every layer's cached tensors are repeated
+along the
 sequence up to ``--context`` through the Cache API (``cache.update``): the cache class, shapes and dtypes a
 real prefill leaves, at a fraction of the device time. Then ``--steps`` greedy decode steps are timed
 (device synchronised); the models take turns round by round, the first round is a warm-up, and the median
@@ -25,7 +26,7 @@ of ``--repeats`` rounds is reported.
 
 Conventions: ``kv fraction`` = cached K/V numbers KEPT per token and layer (``mla``: (rope_dim + kv_rank)
 / (2 · head_dim); ``kv-projection``: R/d); KV bytes per token are measured on the filled cache (every
-tensor it holds, over batch × context) and compared with :func:`lowrank.kv_cache.kv_bytes_per_token`;
+tensor it holds, over batch × context) and compared with :func:`lowrank.attention.cache.kv_bytes_per_token`;
 ``× original`` = decode tokens/s over the original's in the same run. Writes
 ``<results-dir>/kv_decode_<device>.json`` and ``.md``; the last line printed is one JSON line with the
 device, torch version and git SHA.
@@ -89,7 +90,7 @@ def filled_cache(model, batch: int, context: int, seed_len: int, seed: int):
     for real, the rest copies of them appended through ``cache.update``."""
     import torch
 
-    from lowrank.kv_cache import cache_argument, make_cache
+    from lowrank.attention.cache import cache_argument, make_cache
 
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
@@ -114,7 +115,7 @@ def decode_seconds(model, cache, steps: int, seed: int, device: str) -> float:
     """Wall time of ``steps`` greedy decode steps through ``cache`` (device synchronised)."""
     import torch
 
-    from lowrank.kv_cache import cache_argument
+    from lowrank.attention.cache import cache_argument
 
     batch = cache.layers[0].keys.shape[0]
     vocab = model.get_input_embeddings().num_embeddings
@@ -163,7 +164,7 @@ def measure(models: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[
     """Decode time of every model, interleaved round by round; the first round is a warm-up."""
     import torch
 
-    from lowrank.kv_cache import kv_bytes_per_token
+    from lowrank.attention.cache import kv_bytes_per_token
 
     cuda = args.device == "cuda"
     tokens = args.batch_size * args.context
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lowrank.architectures import attention_implementation
+    from lowrank.nn.architectures import attention_implementation
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
@@ -346,7 +347,8 @@ def markdown(p: dict[str, Any]) -> str:
                 "the shared statistics; weights are random too: time, not quality). `kv fraction` = cached "
                 "K/V numbers KEPT per token and layer (mla: (rope_dim + kv_rank) / (2 · head_dim); "
                 "kv-projection: R/d). `KV B/token` = bytes of the filled cache / (batch × context); "
-                "`analytic` = `lowrank.kv_cache.kv_bytes_per_token`. `× original` = decode tokens/s over "
+                "`analytic` = `lowrank.attention.cache.kv_bytes_per_token`. "
+                "`× original` = decode tokens/s over "
                 "the original's. `peak GB` = the device's peak during one fill + decode, every model's "
                 "weights resident.",
                 "## Measured",

@@ -141,8 +141,8 @@ class Runner:
     """Holds the model, the evaluation tokens and the shared attention Grams."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from lowrank.data import calibration_batches, load_text, tokenize
-        from lowrank.models import load_model
+        from lowrank.io.data import calibration_batches, load_text, tokenize
+        from lowrank.loading.models import load_model
 
         self.args = args
         self.model, self.tokenizer = load_model(args.model)
@@ -265,7 +265,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    from lowrank.io import write_json
+    from lowrank.io.files import write_json
 
     state, partial, load_before, started = open_run(args, _settings(args))
     done = state["configs"]
@@ -306,7 +306,7 @@ def _finish(args, state, runner, plan, load_before, seconds) -> int:
     import torch
     from _kv_report import figure, markdown
 
-    from lowrank.io import write_json, write_text
+    from lowrank.io.files import write_json, write_text
 
     env = env_info("cpu")
     if not args.report_only:  # every invocation's wall time, so a resumed run reports its total

@@ -31,12 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank
-from lowrank.architectures import get_arch_spec
-from lowrank.data import tokenize
 from lowrank.evaluation import perplexity
+from lowrank.io.data import tokenize
+from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import QuantizeConfig, compress
 from lowrank.nn import QuantizedLinear
-from lowrank.serialization import load_compressed, save_compressed
+from lowrank.nn.architectures import get_arch_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402

@@ -7,7 +7,7 @@
         --calib-seq-len 128 --windows 1 --windows-shakespeare 1 --results-dir /tmp/quant_smoke  # smoke test
 
 Points, each measured on the same wiki-test and shakespeare windows as the original in the same run:
-quantization alone (``quantize``: HQQ through :mod:`lowrank.quantization`, group size 64, scales and zero
+quantization alone (``quantize``: HQQ through :mod:`lowrank.nn.quantization`, group size 64, scales and zero
 points in float16) at every ``--bits``; ``svd-llm-v2`` at every ``--ratios`` (float32 factors); and each
 of those followed by ``quantize`` at every ``--combo-bits``. The svd-llm-v2 models share one Gram pass over
 the unchanged model (non-sequential calibration).
@@ -79,8 +79,8 @@ def decoder_linear_bytes(model) -> int:
     """Bytes of the linear layers inside the decoder layers (dense, factor or quantized)."""
     from torch import nn
 
-    from lowrank.architectures import decoder_layers
     from lowrank.nn import QuantizedLinear
+    from lowrank.nn.architectures import decoder_layers
 
     total = 0
     for layer in decoder_layers(model):
@@ -112,8 +112,8 @@ class _Run:
 
     def lowrank(self, ratio: float):
         """The model compressed by svd-llm-v2 at ``ratio`` (from the shared Grams; made on first use)."""
+        from lowrank.calibration.pipeline import calibration_tokens
         from lowrank.methods import collect_gram_statistics, compress, config_from_dict
-        from lowrank.pipeline import calibration_tokens
 
         if ratio not in self._lowrank:
             calibration = {
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     state, partial, load_before, started = open_run(args, settings)
     if not args.report_only:
-        from lowrank.io import write_json
+        from lowrank.io.files import write_json
 
         run = _Run(args)
         plan = [(None, None)] + [(None, b) for b in args.bits]

@@ -63,9 +63,9 @@ def run_stack(name, steps, original, tokenizer, eval_ids, args) -> dict[str, Any
     import torch
 
     import lowrank
+    from lowrank.calibration.pipeline import calibration_tokens
+    from lowrank.loading.serialization import save_compressed
     from lowrank.methods import compress, config_from_dict
-    from lowrank.pipeline import calibration_tokens
-    from lowrank.serialization import save_compressed
 
     model = copy.deepcopy(original)
     seconds = []
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import lowrank
-    from lowrank.data import tokenize
+    from lowrank.io.data import tokenize
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank.kv_cache import make_cache
+from lowrank.attention.cache import make_cache
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_tiny_model
 
-from lowrank.architectures import (
+from lowrank.nn.architectures import (
     ArchSpec,
     attention_info,
     attention_shape,

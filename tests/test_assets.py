@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lowrank import assets
-from lowrank.assets import CacheEntryError, ensure_entry, verify_entry, write_manifest
+from lowrank.io import assets, builtin
+from lowrank.io.assets import CacheEntryError, ensure_entry, verify_entry, write_manifest
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_failed_build_leaves_no_entry(cache):
 
 def test_unknown_builtin_model_lists_builtins(cache):
     with pytest.raises(ValueError, match="smollm2-135m"):
-        assets.builtin_model_dir("gpt-17")
+        builtin.builtin_model_dir("gpt-17")
 
 
 def test_builtin_model_entry_rebuilt_when_weights_truncated(cache, monkeypatch):
@@ -114,14 +114,14 @@ def test_builtin_model_entry_rebuilt_when_weights_truncated(cache, monkeypatch):
         save_tiny_model_dir(out)
         return {"weights": "fake"}
 
-    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
-    entry = assets.builtin_model_dir("smollm2-135m")
+    monkeypatch.setattr(builtin, "_convert_gguf", fake_convert)
+    entry = builtin.builtin_model_dir("smollm2-135m")
     weights = entry / "model.safetensors"
     assert weights.is_file() and len(calls) == 1
-    assets.builtin_model_dir("smollm2-135m")
+    builtin.builtin_model_dir("smollm2-135m")
     assert len(calls) == 1
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assets.builtin_model_dir("smollm2-135m")
+    builtin.builtin_model_dir("smollm2-135m")
     assert len(calls) == 2
     assert json.loads((entry / "manifest.json").read_text())["meta"] == {"weights": "fake"}
     verify_entry(entry)
@@ -130,21 +130,21 @@ def test_builtin_model_entry_rebuilt_when_weights_truncated(cache, monkeypatch):
 def test_gguf_checksum_mismatch_is_refused(cache, monkeypatch, tmp_path):
     fake = tmp_path / "pkg"
     fake.mkdir()
-    (fake / assets.GGUF_NAME).write_bytes(b"GGUF not really")
+    (fake / builtin.GGUF_NAME).write_bytes(b"GGUF not really")
 
     class Spec:
         origin = str(fake / "__init__.py")
 
-    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: Spec())
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: Spec())
     with pytest.raises(ValueError, match="SHA-256"):
-        assets.gguf_path()
+        builtin.gguf_path()
 
 
 @pytest.mark.integration
 def test_real_cache_entries_verify():
-    from lowrank.corpora import corpus_dir
+    from lowrank.io.corpora import corpus_dir
 
-    model_dir = assets.builtin_model_dir("smollm2-135m")
+    model_dir = builtin.builtin_model_dir("smollm2-135m")
     manifest = verify_entry(model_dir)
     assert "model.safetensors" in manifest["files"]
     assert "4-bit" in manifest["meta"]["weights"]
@@ -173,15 +173,15 @@ def test_extract_member_streams_one_file_atomically(tmp_path):
 def test_prepare_command_builds_and_reports(cache, monkeypatch, capsys):
     from _tiny import save_tiny_model_dir, tiny_text
 
-    from lowrank import corpora
     from lowrank.cli import main
+    from lowrank.io import corpora
 
     def fake_wiki(out):
         (out / "calibration.txt").write_text(tiny_text(120, seed=1))
         (out / "test.txt").write_text(tiny_text(80, seed=2))
         return {}
 
-    monkeypatch.setattr(assets, "_convert_gguf", lambda out: save_tiny_model_dir(out) and {})
+    monkeypatch.setattr(builtin, "_convert_gguf", lambda out: save_tiny_model_dir(out) and {})
     monkeypatch.setattr(corpora, "_build_wiki", fake_wiki)
     assert main(["prepare", "--data", "wiki"]) == 0
     out = capsys.readouterr().out

@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_tokens
 
-from lowrank.architectures import attention_info, decoder_layers
-from lowrank.attention_stats import _TAPS, AttentionGrams, attention_request
-from lowrank.calibration import (
+from lowrank.calibration.attention_stats import _TAPS, AttentionGrams, attention_request
+from lowrank.calibration.capture import (
     InputGram,
     Statistic,
     StatRequest,
     capture_layer_inputs,
     collect_layer_statistics,
 )
+from lowrank.nn.architectures import attention_info, decoder_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_tokens
 
-from lowrank.architectures import decoder_layers
-from lowrank.calibration import (
+from lowrank.calibration.capture import (
     InputGram,
     OutputGram,
     Statistic,
@@ -19,9 +18,10 @@ from lowrank.calibration import (
     check_calibration_size,
     run_layer,
 )
-from lowrank.layerwise import run_layerwise
+from lowrank.calibration.layerwise import run_layerwise
 from lowrank.nn import LowRankLinear
-from lowrank.surgery import replace_module
+from lowrank.nn.architectures import decoder_layers
+from lowrank.nn.surgery import replace_module
 
 LINEARS = (
     "self_attn.q_proj",
@@ -199,7 +199,7 @@ def test_timings_and_small_calibration_warning(caplog):
     timings = Timings()
     run_layerwise(model, random_tokens(2, 8), _grams, lambda i, l, s: {}, timings=timings)
     assert timings.seconds["calibration_forward"] > 0 and timings.seconds["gram_accumulation"] > 0
-    with caplog.at_level(logging.WARNING, logger="lowrank.calibration"):
+    with caplog.at_level(logging.WARNING, logger="lowrank.calibration.capture"):
         assert not check_calibration_size(16 * 8, 160)
         assert check_calibration_size(640, 160)
     assert "640" in caplog.text

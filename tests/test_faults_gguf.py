@@ -13,8 +13,8 @@ from conftest import make_tiny_model
 from test_gguf import write_tiny_gguf
 
 from lowrank.cli import main
-from lowrank.gguf_header import check_gguf_file
-from lowrank.models import load_model
+from lowrank.io.gguf_header import check_gguf_file
+from lowrank.loading.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

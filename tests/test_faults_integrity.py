@@ -10,10 +10,10 @@ import torch
 from conftest import make_tiny_model
 from test_heal import SEQ_LEN, _compressed, _config, _ids
 
-import lowrank.healing as heal_module
-from lowrank.checked import ChecksumError, load_checked, save_checked
-from lowrank.healing import heal
-from lowrank.synthetic import teacher_sequences
+import lowrank.training.healing as heal_module
+from lowrank.io.checked import ChecksumError, load_checked, save_checked
+from lowrank.training.healing import heal
+from lowrank.training.teacher_text import teacher_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lowrank.io import (
+from lowrank.io.files import (
     atomic_dir,
     atomic_path,
     check_output_dir,

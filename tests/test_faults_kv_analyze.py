@@ -8,11 +8,11 @@ import pytest
 from _tiny import tiny_text, tiny_tokenizer
 from conftest import make_tiny_model, random_tokens
 
-import lowrank.kv_analysis as kv_analysis
+import lowrank.methods.kv_analysis as kv_analysis
 from lowrank.cli import main
+from lowrank.loading.serialization import save_compressed
 from lowrank.methods import KVProjectionConfig, QuantizeConfig, compress, method_names
 from lowrank.methods.base import refusal, set_applied_methods
-from lowrank.serialization import save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,12 +60,12 @@ def quantized(tmp_path_factory):
 
 
 def test_cli_on_a_quantized_model_is_one_line_before_reading_data(quantized, capsys, monkeypatch):
-    import lowrank.data
+    import lowrank.io.data
 
     def unread(*args, **kwargs):
         raise AssertionError("data read before the model was checked")
 
-    monkeypatch.setattr(lowrank.data, "load_text", unread)
+    monkeypatch.setattr(lowrank.io.data, "load_text", unread)
     argv = ["kv-analyze", "--model", str(quantized / "q4"), "--data", str(quantized / "text.txt")]
     rc = main([*argv, "--calib-samples", "2", "--heldout-samples", "1", "--calib-seq-len", "16"])
     err = capsys.readouterr().err.strip()

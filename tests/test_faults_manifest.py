@@ -13,9 +13,9 @@ from _tiny import save_tiny_model_dir
 from conftest import make_tiny_model, random_tokens
 
 from lowrank.cli import main
+from lowrank.loading.models import load_model
+from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import QuantizeConfig, compress, config_from_dict
-from lowrank.models import load_model
-from lowrank.serialization import load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ import pytest
 from _tiny import save_tiny_model_dir
 from conftest import ARCHITECTURES, make_tiny_model
 
-import lowrank.memory as memory
+import lowrank.io.memory as memory
 from lowrank.cli import main
-from lowrank.models import load_model
+from lowrank.loading.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

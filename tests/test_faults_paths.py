@@ -9,8 +9,8 @@ import pytest
 from _tiny import save_tiny_model_dir, tiny_text
 
 from lowrank.cli import main
-from lowrank.io import check_output_dir
-from lowrank.paths import check_paths, output_lock
+from lowrank.io.files import check_output_dir
+from lowrank.io.paths import check_paths, output_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_tokens
 
-import lowrank.gguf as lowrank_gguf
-from lowrank import assets
-from lowrank.models import load_model
+import lowrank.io.gguf as lowrank_gguf
+from lowrank.io import assets
+from lowrank.loading.models import load_model
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -113,10 +113,11 @@ def test_unreadable_gguf_names_the_file(cache, tmp_path):
 
 
 def test_assets_does_not_import_the_converter():
-    """``lowrank.gguf`` builds on ``lowrank.assets`` (never the reverse) and imports transformers late."""
+    """``lowrank.io.gguf`` builds on ``lowrank.io.assets`` (never the reverse) and imports transformers
+    late."""
     code = (
-        "import sys, lowrank.assets; assert 'lowrank.gguf' not in sys.modules\n"
-        "import lowrank.gguf; assert 'transformers' not in sys.modules"
+        "import sys, lowrank.io.assets; assert 'lowrank.io.gguf' not in sys.modules\n"
+        "import lowrank.io.gguf; assert 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -125,7 +126,7 @@ def test_assets_does_not_import_the_converter():
 def test_builtin_gguf_path_matches_the_builtin_model(tmp_path, monkeypatch):
     """The built-in's own GGUF, given as a path, converts to the very same model (identical logits)."""
     builtin, tokenizer = load_model("smollm2-135m")  # from the real cache
-    source = assets.gguf_path()
+    source = builtin.gguf_path()
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         expected = builtin(ids).logits

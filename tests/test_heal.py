@@ -13,9 +13,20 @@ import torch.nn.functional as F
 from _tiny import save_tiny_model_dir, tiny_text, tiny_tokenizer
 from conftest import make_tiny_model, random_tokens
 
-import lowrank.healing as heal_module
+import lowrank.training.healing as heal_module
+from lowrank.attention.cache import kv_bytes_per_token
 from lowrank.cli import main
-from lowrank.healing import (
+from lowrank.loading.serialization import load_compressed, read_manifest, save_compressed
+from lowrank.methods import (
+    HealConfig,
+    KVProjectionConfig,
+    MLAConfig,
+    SVDLLMConfig,
+    applied_methods,
+    compress,
+    count_parameters,
+)
+from lowrank.training.healing import (
     ATTENTION_LEARNING_RATE,
     CODEC_LEARNING_RATE,
     LEARNING_RATE,
@@ -28,17 +39,6 @@ from lowrank.healing import (
     resolve_trainable,
     trainable_parameters,
 )
-from lowrank.kv_cache import kv_bytes_per_token
-from lowrank.methods import (
-    HealConfig,
-    KVProjectionConfig,
-    MLAConfig,
-    SVDLLMConfig,
-    applied_methods,
-    compress,
-    count_parameters,
-)
-from lowrank.serialization import load_compressed, read_manifest, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

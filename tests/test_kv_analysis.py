@@ -9,7 +9,7 @@ from _tiny import save_tiny_model_dir, tiny_text
 from conftest import make_tiny_model, random_tokens
 
 from lowrank.cli import main
-from lowrank.kv_analysis import analyze_kv, recommend
+from lowrank.methods.kv_analysis import analyze_kv, recommend
 from lowrank.methods.kv_projection import KEY_METHODS, VALUE_METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

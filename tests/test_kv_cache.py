@@ -12,8 +12,7 @@ from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from lowrank.evaluation import memory_report, tensor_bytes, throughput
-from lowrank.kv_cache import (
+from lowrank.attention.cache import (
     cache_argument,
     default_kv_bytes_per_token,
     install_cache,
@@ -25,6 +24,7 @@ from lowrank.kv_cache import (
     uninstall_cache,
     unregister_cache,
 )
+from lowrank.evaluation import memory_report, tensor_bytes, throughput
 
 _MARKER_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -8,12 +8,12 @@ import torch
 from _decoding import decoded, logits
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
+from lowrank.attention.cache import installed_cache, kv_bytes_per_token
+from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.evaluation.memory import memory_report
-from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
-from lowrank.kv_cache import installed_cache, kv_bytes_per_token
+from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import KVProjectionConfig, SVDLLMConfig, compress
 from lowrank.methods.kv_projection import allocate_ranks
-from lowrank.serialization import load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

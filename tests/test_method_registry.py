@@ -16,6 +16,7 @@ from torch import nn
 import lowrank.methods.base as base
 import lowrank.nn.registry as replacements
 from lowrank.cli import main
+from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import (
     CompressionResult,
     MethodConfig,
@@ -29,7 +30,6 @@ from lowrank.methods import (
 )
 from lowrank.methods.base import refusal
 from lowrank.nn import register_replacement
-from lowrank.serialization import load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

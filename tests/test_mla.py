@@ -8,13 +8,13 @@ import torch
 from _decoding import decoded, logits
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
+from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.evaluation.memory import memory_report
-from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
 from lowrank.linalg import get_decomposer
 from lowrank.linalg.whitening import whiten
+from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import MLAConfig, SVDLLMConfig, compress
 from lowrank.methods.mla import latent_basis, select_pairs
-from lowrank.serialization import load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

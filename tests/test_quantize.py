@@ -11,12 +11,12 @@ from conftest import make_tiny_model, random_tokens
 from safetensors.torch import load_file
 from torch import nn
 
-import lowrank.quantization as quantization
+import lowrank.nn.quantization as quantization
 from lowrank.cli import main
+from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import QuantizeConfig, compress, config_from_dict, count_parameters, weight_bytes
 from lowrank.nn import LowRankLinear, QuantizedLinear
-from lowrank.quantization import HQQBackend, get_backend
-from lowrank.serialization import load_compressed, save_compressed
+from lowrank.nn.quantization import HQQBackend, get_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,7 @@ def _hqq_twin(model: nn.Module, bits: int, group_size: int) -> nn.Module:
     """``model`` with every decoder ``nn.Linear`` replaced by HQQ's own ``HQQLinear`` (the library alone)."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    from lowrank.surgery import replace_module
+    from lowrank.nn.surgery import replace_module
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
     for name in names:

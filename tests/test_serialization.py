@@ -9,9 +9,9 @@ import torch
 from _tiny import tiny_tokenizer
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
+from lowrank.loading.serialization import MANIFEST, load_compressed, save_compressed
 from lowrank.methods import SVDConfig, SVDLLMConfig, SVDLLMV2Config, applied_methods, compress
 from lowrank.nn import LowRankLinear
-from lowrank.serialization import MANIFEST, load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 from torch import nn
 
-from lowrank.surgery import match_modules, replace_module
+from lowrank.nn.surgery import match_modules, replace_module
 
 
 class Block(nn.Module):
@@ -37,7 +37,7 @@ def test_suffix_regex_and_class_name():
 
 def test_ignore_uses_the_same_grammar_and_unmatched_target_warns(caplog):
     net = Net()
-    with caplog.at_level(logging.WARNING, logger="lowrank.surgery"):
+    with caplog.at_level(logging.WARNING, logger="lowrank.nn.surgery"):
         got = match_modules(net, ["Linear", "k_proj"], ignore=["head", "re:.*mlp\\.0"])
     assert "head" not in got and "layers.0.mlp.0" not in got and "layers.0.mlp.2" in got
     assert "k_proj" in caplog.text

@@ -12,10 +12,10 @@ from _tiny import save_tiny_model_dir
 from conftest import make_tiny_model, random_tokens
 from test_heal import SEQ_LEN, _config
 
-import lowrank.synthetic as synthetic
-from lowrank.checked import load_checked, save_checked
+import lowrank.training.teacher_text as synthetic
+from lowrank.io.checked import load_checked, save_checked
 from lowrank.methods import HealConfig, SVDLLMConfig, compress
-from lowrank.synthetic import sample_sequences, teacher_sequences
+from lowrank.training.teacher_text import sample_sequences, teacher_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

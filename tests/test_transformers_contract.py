@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
-from lowrank.kv_cache import make_cache
+from lowrank.attention.cache import make_cache
 from lowrank.methods import compress, config_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def _run(model, ids):
 
 
 def _cache_keyword(model) -> str:
-    from lowrank.kv_cache import cache_argument
+    from lowrank.attention.cache import cache_argument
 
     return cache_argument(model)
 
@@ -176,8 +176,8 @@ def test_compressed_attention_calls_no_transformers_method_on_a_foreign_object(a
 
 
 def test_an_attention_with_parts_the_forward_does_not_know_is_refused():
-    from lowrank.kv_attention import ProjectedAttention
-    from lowrank.nn import KVProjection
+    from lowrank.attention.low_rank_kv import KVProjection
+    from lowrank.attention.wrapper import ProjectedAttention
 
     model = make_tiny_model("llama")
     attention = model.model.layers[0].self_attn

@@ -13,14 +13,14 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "load_model": "lowrank.models",
-    "load_text": "lowrank.data",
-    "calibration_batches": "lowrank.data",
+    "load_model": "lowrank.loading.models",
+    "load_text": "lowrank.io.data",
+    "calibration_batches": "lowrank.io.data",
     "perplexity": "lowrank.evaluation",
     "throughput": "lowrank.evaluation",
     "memory_report": "lowrank.evaluation",
     "compress": "lowrank.methods",
-    "save_compressed": "lowrank.serialization",
+    "save_compressed": "lowrank.loading.serialization",
     "randomized_svd": "lowrank.linalg",
     "truncated_svd": "lowrank.linalg",
     "get_decomposer": "lowrank.linalg",

@@ -82,7 +82,7 @@ def weight_matrices(
         saved = torch.load(model_name, map_location=device, weights_only=True)
         return [(name, W.to(torch.float32)) for name, W in saved.items()]
     try:
-        from lowrank import load_model
+        from lowrank.loading.models import load_model
 
         model, _ = load_model(model_name, device="cpu")
     except Exception as exc:  # the model or its loader may be unavailable on this machine

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lowrank.io import atomic_path, write_json, write_text
+from lowrank.io.files import atomic_path, write_json, write_text
 
 __all__ = ["markdown", "plot", "write_outputs"]
 

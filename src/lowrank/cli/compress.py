@@ -158,8 +158,8 @@ def run_inputs(args: argparse.Namespace, config: Any = None) -> dict[str, Any]:
 def check_outputs(args: argparse.Namespace, config: Any = None) -> None:
     """Refuse unusable or unsafe output paths before any work (one line each): every output against
     every input and every other output, then each output on its own."""
-    from lowrank.io import check_output_dir, check_output_file
-    from lowrank.paths import check_paths
+    from lowrank.io.files import check_output_dir, check_output_file
+    from lowrank.io.paths import check_paths
 
     outputs = {"--out": args.out, "--checkpoint-dir": args.checkpoint_dir, "--json": args.json}
     check_paths(run_inputs(args, config), outputs)
@@ -174,7 +174,7 @@ def check_outputs(args: argparse.Namespace, config: Any = None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check every flag and path, lock the outputs, then compress."""
     from lowrank.cli._common import resolve_device
-    from lowrank.paths import output_lock
+    from lowrank.io.paths import output_lock
 
     config = build_config(args)
     check_outputs(args, config)
@@ -185,13 +185,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace, config: Any, device: str) -> int:
     """Load, compress, print and save (the output paths are checked and locked)."""
-    import lowrank
-    from lowrank.io import write_json
+    from lowrank.calibration.pipeline import calibration_tokens
+    from lowrank.io.files import write_json
+    from lowrank.loading.models import load_model
+    from lowrank.loading.serialization import save_compressed
     from lowrank.methods import compress
-    from lowrank.pipeline import calibration_tokens
-    from lowrank.serialization import save_compressed
 
-    model, tokenizer = lowrank.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     calibration = calibration_tokens(config.calibration, tokenizer) if config.calibrated else None
     result = compress(
         model, config, calibration=calibration, device=device, checkpoint_dir=args.checkpoint_dir

@@ -133,7 +133,7 @@ def comparison_rows(
 def run(args: argparse.Namespace) -> int:
     """Check every flag and path before the slow steps, lock the outputs, then run the five steps."""
     from lowrank.cli.compress import build_config, check_outputs
-    from lowrank.paths import output_lock
+    from lowrank.io.paths import output_lock
 
     config = build_config(args, RECIPE, DEFAULT_METHOD)
     check_lengths(args)
@@ -147,24 +147,24 @@ def _demo(args: argparse.Namespace, config: Any, device: str) -> int:
     """Compress, save, reload and compare (flags and paths already checked)."""
     import torch
 
-    import lowrank
+    from lowrank.calibration.pipeline import calibration_tokens
     from lowrank.cli.compress import summary_table
-    from lowrank.data import tokenize
     from lowrank.evaluation import paired_throughput
     from lowrank.evaluation.report import evaluate_model
-    from lowrank.io import write_json
+    from lowrank.io.data import load_text, tokenize
+    from lowrank.io.files import write_json
+    from lowrank.loading.models import load_model
+    from lowrank.loading.serialization import save_compressed
     from lowrank.methods import compress
-    from lowrank.pipeline import calibration_tokens
-    from lowrank.serialization import save_compressed
 
     eval_kwargs = dict(seq_len=args.seq_len, max_windows=args.max_windows)
     load = dict(device=device, trust_remote_code=args.trust_remote_code)
     details = config.to_dict()
     recipe = f"{config.method} + {details.get('decomposer', {}).get('name', '-')}"
 
-    model, tokenizer = lowrank.load_model(args.model, **load)
+    model, tokenizer = load_model(args.model, **load)
     check_positions(model, args)
-    eval_ids = tokenize(tokenizer, lowrank.load_text(args.data, "test"))
+    eval_ids = tokenize(tokenizer, load_text(args.data, "test"))
     print(f"[1/5] perplexity and memory of the original {args.model} on {args.data}/test")
     before = evaluate_model(model, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)
 
@@ -180,13 +180,13 @@ def _demo(args: argparse.Namespace, config: Any, device: str) -> int:
     print(f"[3/5] saving to {args.out} and loading it back")
     save_compressed(model, args.out, tokenizer=tokenizer, result=result, overwrite=args.overwrite)
     del model
-    compressed, _ = lowrank.load_model(args.out, device=device)
+    compressed, _ = load_model(args.out, device=device)
 
     print("[4/5] perplexity and memory of the reloaded compressed model on the same windows")
     after = evaluate_model(compressed, tokenizer, eval_ids, run_throughput=False, **eval_kwargs)
 
     print("[5/5] throughput of both models, runs interleaved")
-    original, _ = lowrank.load_model(args.model, **load)
+    original, _ = load_model(args.model, **load)
     workload = {"prompt_len": args.prompt_len, "gen_len": args.gen_len}
     speed = paired_throughput({"before": original, "after": compressed}, repeats=args.repeats, **workload)
     for report, key in ((before, "before"), (after, "after")):

@@ -85,12 +85,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowrank.data import load_text
     from lowrank.evaluation import NonFiniteLogitsError
     from lowrank.evaluation.report import report_rows
-    from lowrank.io import check_output_file, write_json
-    from lowrank.models import load_model
-    from lowrank.paths import check_paths
+    from lowrank.io.data import load_text
+    from lowrank.io.files import check_output_file, write_json
+    from lowrank.io.paths import check_paths
+    from lowrank.loading.models import load_model
 
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1 (omit it for the whole split); got {args.max_windows}")

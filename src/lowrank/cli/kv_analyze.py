@@ -70,12 +70,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowrank.data import calibration_batches, load_text
-    from lowrank.io import check_output_file, write_json, write_text
-    from lowrank.kv_analysis import analyze_kv, plot_kv_analysis
+    from lowrank.io.data import calibration_batches, load_text
+    from lowrank.io.files import check_output_file, write_json, write_text
+    from lowrank.loading.models import load_model
     from lowrank.methods import KVProjectionConfig
     from lowrank.methods.base import refusal
-    from lowrank.models import load_model
+    from lowrank.methods.kv_analysis import analyze_kv, plot_kv_analysis
 
     _check_args(args)
     for path in (args.json, args.md, args.png):

@@ -41,8 +41,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from lowrank.assets import BUILTIN_MODELS, builtin_model_dir, cache_dir, verify_entry
-    from lowrank.corpora import BUILTIN_CORPORA, corpus_dir
+    from lowrank.io.assets import cache_dir, verify_entry
+    from lowrank.io.builtin import BUILTIN_MODELS, builtin_model_dir
+    from lowrank.io.corpora import BUILTIN_CORPORA, corpus_dir
 
     for name in args.model:
         if name not in BUILTIN_MODELS:
@@ -83,15 +84,15 @@ def run(args: argparse.Namespace) -> int:
 def _tokenizer(model_name: str):
     from transformers import AutoTokenizer
 
-    from lowrank.assets import builtin_model_dir
+    from lowrank.io.builtin import builtin_model_dir
 
     source = builtin_model_dir(model_name, hash_files=False)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def _count(tokenizer, path, split: str) -> str:
-    from lowrank.data import tokenize
-    from lowrank.io import read_text
+    from lowrank.io.data import tokenize
+    from lowrank.io.files import read_text
 
     text = read_text(path)
     if tokenizer is None:

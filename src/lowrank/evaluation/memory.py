@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.architectures import decoder_layers
-from lowrank.kv_cache import cache_argument, make_cache
+from lowrank.attention.cache import cache_argument, make_cache
+from lowrank.nn.architectures import decoder_layers
 
 __all__ = ["MemoryReport", "memory_report", "tensor_bytes"]
 
@@ -28,7 +28,7 @@ class MemoryReport:
     buffer_bytes: int
     """Bytes of registered buffers (rotary tables, …), not counting the quantized weights."""
     kv_cache_bytes_per_token: float
-    """Bytes held by the model's cache (:func:`lowrank.kv_cache.make_cache`: the installed class, else
+    """Bytes held by the model's cache (:func:`lowrank.attention.cache.make_cache`: the installed class, else
     ``DynamicCache``) after a real forward pass filled it, divided by batch x tokens."""
     kv_cache_class: str
     """Class name of the cache that was measured."""
@@ -123,27 +123,27 @@ def memory_report(model: nn.Module, *, tokens: int = 64, batch_size: int = 1) ->
     """Parameter counts, weight bytes and the KV-cache footprint measured on a real forward pass.
 
     Args:
-        model: a causal LM with decoder layers known to :mod:`lowrank.architectures`.
+        model: a causal LM with decoder layers known to :mod:`lowrank.nn.architectures`.
         tokens: length of the random prompt whose cache is measured (>= 1).
         batch_size: prompts in that forward pass (>= 1).
 
     Returns:
         :class:`MemoryReport`; ``kv_cache_bytes_per_token`` is bytes / (batch_size x tokens) of every
         tensor reachable from the cache the forward pass filled: a fresh
-        :func:`lowrank.kv_cache.make_cache` (the installed cache class, else ``DynamicCache``). It equals
-        :func:`lowrank.kv_cache.kv_bytes_per_token`.
+        :func:`lowrank.attention.cache.make_cache` (the installed cache class, else ``DynamicCache``). It
+        equals
+        :func:`lowrank.attention.cache.kv_bytes_per_token`.
     """
     if tokens < 1 or batch_size < 1:
         raise ValueError(f"tokens and batch_size must be >= 1; got tokens={tokens}, batch_size={batch_size}")
-    from lowrank.methods.base import count_parameters, weight_bytes
-    from lowrank.nn.quantized_linear import stored_weight_bytes
+    from lowrank.nn.accounting import count_parameters, stored_bytes, weight_bytes
 
     kv_bytes, kv_class = _kv_cache_bytes(model, tokens, batch_size)
     return MemoryReport(
         parameters=count_parameters(model),
         decoder_linear_parameters=_decoder_linear_parameters(model),
         weight_bytes=weight_bytes(model),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()) - stored_weight_bytes(model),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()) - stored_bytes(model),
         kv_cache_bytes_per_token=kv_bytes,
         kv_cache_tokens=tokens,
         kv_cache_class=kv_class,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lowrank.data import resolve_bos, tokenize
+from lowrank.io.data import resolve_bos, tokenize
 
 __all__ = ["PerplexityResult", "NonFiniteLogitsError", "perplexity"]
 
@@ -71,7 +71,7 @@ def perplexity(
 
     Without BOS a window is ``seq_len`` consecutive text tokens (``N // seq_len`` windows; the first token of
     each is context only). With BOS (where the tokenizer adds one by default, see
-    :func:`lowrank.data.resolve_bos`) a window is BOS followed by ``seq_len - 1`` text tokens
+    :func:`lowrank.io.data.resolve_bos`) a window is BOS followed by ``seq_len - 1`` text tokens
     (``N // (seq_len - 1)`` windows) and every text token of the window is predicted; BOS itself never is.
 
     Args:

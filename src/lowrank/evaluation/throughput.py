@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from lowrank.kv_cache import cache_argument, make_cache
+from lowrank.attention.cache import cache_argument, make_cache
 
 __all__ = ["ThroughputResult", "throughput", "paired_throughput", "check_workload"]
 
@@ -27,7 +27,7 @@ class ThroughputResult:
     decode_tokens_per_s: float
     """batch_size x gen_len / decode time (one token per step, greedy, reusing the KV cache)."""
     cache_class: str
-    """Class of the KV cache the runs filled (:func:`lowrank.kv_cache.make_cache`)."""
+    """Class of the KV cache the runs filled (:func:`lowrank.attention.cache.make_cache`)."""
     prefill_seconds: float
     decode_seconds: float
     batch_size: int
@@ -121,7 +121,7 @@ def throughput(
     """Measure prefill and greedy-decode throughput on random prompts.
 
     Each run feeds a ``(batch_size, prompt_len)`` prompt once (prefill), then decodes ``gen_len`` tokens
-    one step at a time through the same cache, a fresh :func:`lowrank.kv_cache.make_cache` per run (the
+    one step at a time through the same cache, a fresh :func:`lowrank.attention.cache.make_cache` per run (the
     model's installed cache class, else ``DynamicCache``), passed by keyword. The device is synchronised
     around each timed phase; ``warmup`` untimed runs come first and the median of ``repeats`` timed runs is
     reported.

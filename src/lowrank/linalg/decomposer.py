@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lowrank._dataclass import from_json_object
+from lowrank.core.config import from_json_object
 from lowrank.linalg._checks import check_matrix, check_rank
 from lowrank.linalg.adaptive import rank_by_tolerance
 from lowrank.linalg.exact import EXACT_METHODS, truncated_svd

@@ -4,6 +4,7 @@
 >>> result = compress(model, SVDLLMV2Config(ratio=0.2, decomposer="rsvd"), calibration=token_ids)
 """
 
+from lowrank.calibration.pipeline import CalibrationConfig, CalibrationStatistics, RunContext
 from lowrank.methods.base import (
     CompressionResult,
     MethodConfig,
@@ -24,7 +25,6 @@ from lowrank.methods.quantize import QuantizeConfig
 from lowrank.methods.svd import SVDConfig
 from lowrank.methods.svd_llm import SVDLLMConfig, collect_gram_statistics
 from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
-from lowrank.pipeline import CalibrationConfig, CalibrationStatistics, RunContext
 
 __all__ = [
     "compress",

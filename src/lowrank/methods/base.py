@@ -25,8 +25,10 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from lowrank._dataclass import from_json_object
-from lowrank.pipeline import RunContext
+from lowrank.calibration.pipeline import RunContext
+from lowrank.core.config import from_json_object
+from lowrank.nn.accounting import count_parameters, weight_bytes
+from lowrank.nn.history import applied_methods, applied_summaries, set_applied_methods
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ __all__ = [
 
 Handler = Callable[[nn.Module, "MethodConfig", RunContext], "CompressionResult"]
 _METHODS: dict[str, tuple[type[MethodConfig], Handler]] = {}
-_HISTORY = "_lowrank_applied"
-_SUMMARIES = "_lowrank_summaries"
 
 C = TypeVar("C", bound="type[MethodConfig]")
 
@@ -194,42 +194,8 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     return config_class(data.get("method")).from_dict(data)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters of ``model`` (tied weights counted once); a quantized layer counts the
-    out × in weights it stores, so quantization leaves the count unchanged."""
-    from lowrank.nn.quantized_linear import represented_parameters
-
-    return sum(p.numel() for p in model.parameters()) + represented_parameters(model)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct parameters of ``model`` in their current dtypes, plus the stored tensors of
-    every quantized layer (packed weights, scales and zero points)."""
-    from lowrank.nn.quantized_linear import stored_weight_bytes
-
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + stored_weight_bytes(model)
-
-
-def applied_methods(model: nn.Module) -> list[dict[str, Any]]:
-    """The configs (as dicts) of the methods applied to ``model`` so far, in order."""
-    return list(getattr(model, _HISTORY, []))
-
-
-def set_applied_methods(
-    model: nn.Module, configs: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None
-) -> None:
-    """Record the ordered list of applied method configs (and their summaries) on ``model``."""
-    object.__setattr__(model, _HISTORY, list(configs))
-    object.__setattr__(model, _SUMMARIES, list(summaries or []))
-
-
-def applied_summaries(model: nn.Module) -> list[dict[str, Any]]:
-    """The summaries of the methods applied to ``model`` so far, in order."""
-    return list(getattr(model, _SUMMARIES, []))
-
-
 def _kv_bytes(model: nn.Module) -> float | None:
-    from lowrank.kv_cache import kv_bytes_per_token
+    from lowrank.attention.cache import kv_bytes_per_token
 
     try:
         return kv_bytes_per_token(model)

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.architectures import get_arch_spec
-from lowrank.calibration import InputGram, Statistic, StatRequest, Timings
-from lowrank.dtypes import resolve_dtype
+from lowrank.calibration.capture import InputGram, Statistic, StatRequest, Timings
+from lowrank.calibration.pipeline import CalibrationConfig
+from lowrank.core.dtypes import resolve_dtype
 from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
 from lowrank.linalg.allocation import (
     dense_parameters,
@@ -22,8 +22,8 @@ from lowrank.linalg.allocation import (
 from lowrank.linalg.whitening import truncate_projection, truncate_whitened, whiten
 from lowrank.methods.base import CompressionResult, MethodConfig
 from lowrank.nn import LowRankLinear, describe_replacement
-from lowrank.pipeline import CalibrationConfig
-from lowrank.surgery import match_modules, replace_module
+from lowrank.nn.architectures import get_arch_spec
+from lowrank.nn.surgery import match_modules, replace_module
 
 __all__ = [
     "LowRankConfig",
@@ -122,7 +122,8 @@ class WhitenedConfig(LowRankConfig):
     calibrated: ClassVar[bool] = True
 
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
-    """Calibration data and accumulation settings (see :class:`lowrank.pipeline.CalibrationConfig`)."""
+    """Calibration data and accumulation settings (see
+    :class:`lowrank.calibration.pipeline.CalibrationConfig`)."""
     truncation: str = field(default="cholesky", metadata={"choices": TRUNCATION_ROUTES})
     """Route to the minimiser of ‖(W − W')X‖_F: ``cholesky``, ``eigh`` (two-round SVD) or ``projection``."""
 

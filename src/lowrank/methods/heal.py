@@ -2,14 +2,15 @@
 
 The compressed model (the student) is trained against the logits of the original model (the teacher) on
 calibration text, which is disjoint from the evaluation split, or on sequences the teacher samples itself
-(``source='teacher'``, :mod:`lowrank.synthetic`). Only what compression replaced trains by
+(``source='teacher'``, :mod:`lowrank.training.teacher_text`). Only what compression replaced trains by
 default: the factors of every ``LowRankLinear`` and the codec (``kv``: latent and rotary projections) of
 every converted attention, plus, after an MLA conversion only, the q/k/v/o projections of the converted
 attention, whose position-free dimensions must relearn what to match. The structure never changes:
 ranks, parameter counts and KV-cache bytes are those of the compressed model.
 
 The objective (KL distillation at temperature T plus cross-entropy), the schedule, held-out early stopping
-and the resumable checkpoints are in :mod:`lowrank.healing`; this module holds the config and the handler.
+and the resumable checkpoints are in :mod:`lowrank.training.healing`; this module holds the config and the
+handler.
 
 References:
     Hinton et al., "Distilling the Knowledge in a Neural Network", 2015 (temperature, T² scaling);
@@ -29,10 +30,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.healing import PRECISIONS, SOURCES, TRAINABLE, heal, split_tokens, trainable_parameters
+from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn.registry import describe_replacement
-from lowrank.pipeline import CalibrationConfig, RunContext
+from lowrank.training.healing import PRECISIONS, SOURCES, TRAINABLE, heal, split_tokens, trainable_parameters
 
 __all__ = ["HealConfig"]
 
@@ -68,19 +69,20 @@ class HealConfig(MethodConfig):
     learning_rate: float | None = None
     """Peak AdamW learning rate (linear warmup over 5 % of the steps, cosine decay to 10 % of it); unset:
     1e-5 when only ``kv-projection`` codecs train, 3e-4 when converted attention trains whole, 1e-4
-    otherwise (``lowrank.healing.default_learning_rate``, chosen by measurement)."""
+    otherwise (``lowrank.training.healing.default_learning_rate``, chosen by measurement)."""
     batch_size: int = 4
     """Sequences per optimizer step."""
     source: str = field(default="corpus", metadata={"choices": SOURCES})
     """Training text: ``corpus``, the calibration split of ``calibration.data``; ``teacher``, sequences the
     teacher samples itself (data-free distillation; kept in the cache directory and reused, see
-    :mod:`lowrank.synthetic`). Measured on the built-in model, corpus text heals more, in its own domain and
+    :mod:`lowrank.training.teacher_text`). Measured on the built-in model, corpus text heals more, in its own
+    domain and
     out of it (docs/healing.md)."""
     trainable: str = field(default="auto", metadata={"choices": TRAINABLE})
     """``replaced``: only what compression replaced (low-rank factors, KV codecs); ``attention``: that plus
     the q/k/v/o projections of every converted attention (what partial RoPE needs to relearn); ``all``:
     every weight; ``auto``: ``attention`` for a model with MLA (partial-RoPE) attention, else ``replaced``
-    (``lowrank.healing.resolve_trainable``, chosen by measurement)."""
+    (``lowrank.training.healing.resolve_trainable``, chosen by measurement)."""
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Compute of the forward and backward passes: ``bfloat16`` autocast or ``float32``; ``auto``: bfloat16
     where the device multiplies it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else float32.
@@ -91,7 +93,8 @@ class HealConfig(MethodConfig):
     """Weight w of the distillation term, in [0, 1]; 1 − w goes to next-token cross-entropy."""
     hidden_weight: float = 0.0
     """Weight λ ≥ 0 of a hidden-state term added to the objective: the residual stream after every decoder
-    layer learns the teacher's (relative squared error per token, ``lowrank.healing.hidden_state_loss``);
+    layer learns the teacher's (relative squared error per token,
+    ``lowrank.training.healing.hidden_state_loss``);
     0 (off): logits only."""
     heldout_sequences: int = 8
     """Calibration sequences kept out of training to measure the held-out loss."""
@@ -105,7 +108,7 @@ class HealConfig(MethodConfig):
     """Minutes between checkpoints when a checkpoint directory is given (0: after every step)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
     """Training text (split ``calibration``; ``samples`` is derived from ``tokens`` and
-    ``heldout_sequences``; see ``lowrank.pipeline.CalibrationConfig``)."""
+    ``heldout_sequences``; see ``lowrank.calibration.pipeline.CalibrationConfig``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -168,7 +171,7 @@ def _teacher_for(model: nn.Module, config: HealConfig, device: torch.device) -> 
     if config.teacher == "self":
         teacher = copy.deepcopy(model)
     else:
-        from lowrank.models import load_model
+        from lowrank.loading.models import load_model
 
         dtype = next(model.parameters()).dtype
         teacher, _ = load_model(config.teacher, device=device, dtype=dtype)
@@ -183,7 +186,7 @@ def compress_heal(model: nn.Module, config: HealConfig, ctx: RunContext) -> Comp
     with ctx.timings.measure("teacher"):
         teacher = _teacher_for(model, config, ctx.device)
     if config.source == "teacher":  # the teacher writes the text; no corpus is read
-        from lowrank.synthetic import teacher_sequences
+        from lowrank.training.teacher_text import teacher_sequences
 
         cal = config.calibration
         with ctx.timings.measure("sample"):

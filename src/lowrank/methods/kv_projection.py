@@ -2,7 +2,7 @@
 
 Per layer and KV head, the keys (and values) the cache stores shrink from d to R dimensions. The
 projections come from per-head d × d Gram matrices accumulated over the calibration tokens
-(:mod:`lowrank.attention_stats`), never from n × d activations:
+(:mod:`lowrank.calibration.attention_stats`), never from n × d activations:
 
 * keys: ``k-svd`` (top-R right singular vectors of K), ``eigen`` (of the stacked [K; Q]), ``kq`` (the
   optimal rank-R approximation of K Qᵀ with every head of the KV group kept: Σ_i ‖K A Bᵀ Q_iᵀ − K Q_iᵀ‖²)
@@ -30,15 +30,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.architectures import attention_info, decoder_layers, get_arch_spec
-from lowrank.attention_stats import attention_request
-from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
-from lowrank.kv_cache import install_cache
+from lowrank.attention.cache import install_cache
+from lowrank.attention.low_rank_kv import KVProjection
+from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
+from lowrank.calibration.attention_stats import attention_request
+from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.nn import KVProjection, LowRankLinear, dense_weight
-from lowrank.pipeline import CalibrationConfig, RunContext
-from lowrank.surgery import get_module, replace_module
+from lowrank.nn import LowRankLinear, dense_weight
+from lowrank.nn.architectures import attention_info, decoder_layers, get_arch_spec
+from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = ["KVProjectionConfig", "KEY_METHODS", "VALUE_METHODS", "key_maps", "value_maps"]
 
@@ -93,7 +94,8 @@ class KVProjectionConfig(MethodConfig):
     spread over the layers (keys and values separately) to minimise the summed relative calibration error,
     from every layer's error at every rank (an extra non-sequential analysis pass)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
-    """Calibration data and accumulation settings (see :class:`lowrank.pipeline.CalibrationConfig`)."""
+    """Calibration data and accumulation settings (see
+    :class:`lowrank.calibration.pipeline.CalibrationConfig`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

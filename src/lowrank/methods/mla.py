@@ -12,7 +12,7 @@ Per layer and KV head:
    the keys and values the layer actually produces on the calibration tokens, ‖(I − U Uᵀ) W X‖_F, through
    the input Gram XᵀX (SVD-LLM's whitening, applied on the output side), instead of the bare weights.
 
-The converted attention (:class:`~lowrank.kv_attention.ProjectedAttention` with a
+The converted attention (:class:`~lowrank.attention.wrapper.ProjectedAttention` with a
 :class:`~lowrank.nn.LatentKV` codec) caches the rotated kept features and the latent only, never
 reconstructed keys or values: the key up-projection is absorbed into the queries and the value
 up-projection applied to each head's output before o_proj. Cached numbers per token and layer:
@@ -32,17 +32,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.architectures import attention_info, get_arch_spec
-from lowrank.attention_stats import attention_request
-from lowrank.calibration import InputGram, StatRequest
-from lowrank.kv_attention import ProjectedAttention, ProjectedKVCache
-from lowrank.kv_cache import install_cache
+from lowrank.attention.cache import install_cache
+from lowrank.attention.latent_kv import LatentKV
+from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
+from lowrank.calibration.attention_stats import attention_request
+from lowrank.calibration.capture import InputGram, StatRequest
+from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.nn import LatentKV, dense_weight
-from lowrank.pipeline import CalibrationConfig, RunContext
-from lowrank.surgery import get_module, replace_module
+from lowrank.nn import dense_weight
+from lowrank.nn.architectures import attention_info, get_arch_spec
+from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = ["MLAConfig", "select_pairs", "latent_basis", "ROPE_SELECTIONS"]
 
@@ -84,7 +85,8 @@ class MLAConfig(MethodConfig):
     )
     """Truncated decomposition of the K/V weights: a ``DecomposerConfig``, its dict, or a name."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
-    """Calibration data, used by ``2-norm`` and ``whiten`` (see ``lowrank.pipeline.CalibrationConfig``)."""
+    """Calibration data, used by ``2-norm`` and ``whiten`` (see
+    ``lowrank.calibration.pipeline.CalibrationConfig``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,7 +3,7 @@
 Every ``nn.Linear`` inside the decoder layers becomes a :class:`lowrank.nn.QuantizedLinear`: the two
 factors of a ``LowRankLinear`` (plain ``nn.Linear`` modules) are quantized like any dense layer, and so
 are the q/k/v/o projections a converted attention shares. The library does the quantization
-(:mod:`lowrank.quantization`; HQQ by default), so the method needs no calibration data and stacks after
+(:mod:`lowrank.nn.quantization`; HQQ by default), so the method needs no calibration data and stacks after
 any other method: ``svd-llm-v2`` then ``quantize`` is low-rank plus quantization at equal memory.
 
 Embeddings, the output head, norms and the KV codecs stay in the model's dtype. Weight bytes are counted
@@ -17,14 +17,14 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lowrank.architectures import get_arch_spec
-from lowrank.dtypes import resolve_dtype
+from lowrank.calibration.pipeline import RunContext
+from lowrank.core.dtypes import resolve_dtype
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.methods.common import _patterns
+from lowrank.nn.architectures import get_arch_spec
+from lowrank.nn.quantization import BACKENDS, get_backend
 from lowrank.nn.quantized_linear import QuantizedLinear
-from lowrank.pipeline import RunContext
-from lowrank.quantization import BACKENDS, get_backend
-from lowrank.surgery import match_modules, replace_module
+from lowrank.nn.surgery import match_modules, replace_module
 
 __all__ = ["QuantizeConfig"]
 
@@ -43,7 +43,7 @@ class QuantizeConfig(MethodConfig):
     group_size: int = 64
     """Weights sharing one scale and zero point (hqq: a multiple of 8)."""
     backend: str = field(default="hqq", metadata={"choices": tuple(BACKENDS)})
-    """Quantization library (see ``lowrank.quantization``)."""
+    """Quantization library (see ``lowrank.nn.quantization``)."""
     scale_dtype: str = field(default="float16", metadata={"choices": SCALE_DTYPES})
     """dtype in which scales and zero points are stored."""
     targets: tuple[str, ...] | None = None

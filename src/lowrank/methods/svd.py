@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lowrank.calibration.pipeline import RunContext
 from lowrank.methods.base import CompressionResult, register_method
 from lowrank.methods.common import (
     LowRankConfig,
@@ -22,8 +23,7 @@ from lowrank.methods.common import (
     plan_targets,
 )
 from lowrank.nn import LowRankLinear
-from lowrank.pipeline import RunContext
-from lowrank.surgery import replace_module
+from lowrank.nn.surgery import replace_module
 
 __all__ = ["SVDConfig", "truncated_svd_factors"]
 

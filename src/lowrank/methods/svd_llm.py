@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.calibration import Statistic
+from lowrank.calibration.capture import Statistic
+from lowrank.calibration.pipeline import CalibrationStatistics, RunContext, collect_calibration_statistics
 from lowrank.methods.base import CompressionResult, register_method
 from lowrank.methods.common import (
     Target,
@@ -31,7 +32,6 @@ from lowrank.methods.common import (
     plan_targets,
     truncate_layer,
 )
-from lowrank.pipeline import CalibrationStatistics, RunContext, collect_calibration_statistics
 
 __all__ = ["SVDLLMConfig", "collect_gram_statistics", "truncation_pass", "gram_requests"]
 

@@ -27,13 +27,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.calibration import Statistic, Timings
+from lowrank.calibration.capture import Statistic, Timings
+from lowrank.calibration.pipeline import RunContext
 from lowrank.linalg.allocation import ALLOCATION_RULES, allocate_ranks, break_even_rank
 from lowrank.linalg.whitening import whiten, whitened_spectrum
 from lowrank.methods.base import CompressionResult, register_method
 from lowrank.methods.common import Target, WhitenedConfig, by_layer, decomposer_for, plan_targets
 from lowrank.methods.svd_llm import gram_requests, truncation_pass
-from lowrank.pipeline import RunContext
 
 __all__ = ["SVDLLMV2Config", "allocate_plan"]
 

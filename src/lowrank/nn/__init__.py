@@ -7,8 +7,6 @@ from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the mod
     factored_parameters,
     parameters_saved,
 )
-from lowrank.nn.latent_kv import LatentKV
-from lowrank.nn.low_rank_kv import KVProjection
 from lowrank.nn.quantized_linear import QuantizedLinear
 from lowrank.nn.registry import (
     build_replacement,
@@ -20,8 +18,6 @@ from lowrank.nn.registry import (
 
 __all__ = [
     "LowRankLinear",
-    "KVProjection",
-    "LatentKV",
     "QuantizedLinear",
     "dense_parameters",
     "dense_weight",

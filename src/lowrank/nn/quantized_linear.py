@@ -10,7 +10,7 @@ from torch import nn
 
 from lowrank.nn.registry import register_replacement
 
-__all__ = ["QuantizedLinear", "stored_weight_bytes", "represented_parameters"]
+__all__ = ["QuantizedLinear"]
 
 _BITS_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 """Integer dtype of the same width, used to hold floating stored tensors bit for bit."""
@@ -20,7 +20,7 @@ _BITS_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 class QuantizedLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` rebuilt at each call from the tensors a quantization backend stored.
 
-    The stored tensors (packed integers, scales, zero points: see :mod:`lowrank.quantization`) are
+    The stored tensors (packed integers, scales, zero points: see :mod:`lowrank.nn.quantization`) are
     persistent buffers, so the module saves and reloads with the model and its output is reproduced bit
     for bit. Floating stored tensors are held as integers of the same width (``scale`` in float16 is an
     int16 buffer), so casting the model (``model.half()``, loading in another dtype) never changes what
@@ -61,7 +61,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int, backend) -> QuantizedLinear:
-        """Quantize ``linear`` with ``backend`` (a :class:`lowrank.quantization.Backend`)."""
+        """Quantize ``linear`` with ``backend`` (a :class:`lowrank.nn.quantization.Backend`)."""
         w = linear.weight
         stored = backend.quantize(w, bits, group_size)
         module = cls(
@@ -93,10 +93,14 @@ class QuantizedLinear(nn.Module):
             for name in self.stored_dtypes
         )
 
+    def represented_parameters(self) -> int:
+        """The out × in weights it stands for (held as stored tensors, not parameters)."""
+        return self.in_features * self.out_features
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (out × in), in the dtype of the bias / the model."""
-        from lowrank.quantization import get_backend
+        from lowrank.nn.quantization import get_backend
 
         return get_backend(self.backend).dequantize(
             self.stored_tensors(),
@@ -150,7 +154,7 @@ class QuantizedLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> QuantizedLinear:
-        from lowrank.quantization import get_backend
+        from lowrank.nn.quantization import get_backend
 
         backend = get_backend(spec.get("backend"))  # an unknown backend: a one-line error at load time
         try:
@@ -182,13 +186,3 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in a QuantizedLinear spec")
     return dt
-
-
-def stored_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every quantized weight in ``model`` (the stored tensors of each :class:`QuantizedLinear`)."""
-    return sum(m.stored_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
-
-
-def represented_parameters(model: nn.Module) -> int:
-    """Weights that the quantized layers of ``model`` stand for (out × in each)."""
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))

@@ -11,6 +11,21 @@ registered with :func:`register_replacement` and implements two methods:
 
 Serialization stores ``{"class": cls.__name__, "spec": ...}`` for every replaced module and calls
 :func:`build_replacement` when loading, so a new module type becomes loadable by registering it.
+
+A registered module also answers for itself, so that no other code names its class (each is optional,
+with the default in brackets):
+
+* ``stored_bytes() -> int``: bytes of the tensors it stores outside ``nn.Parameter`` s, e.g. packed
+  quantized weights and their scales [0]; :mod:`lowrank.nn.accounting` adds them to the weight bytes;
+* ``represented_parameters() -> int``: weights it stands for that are not ``nn.Parameter`` s (a quantized
+  layer's out × in) [0]; added to the parameter count, so quantization leaves the count unchanged;
+* ``healing_parameters(trainable) -> iterable of nn.Parameter``: what healing trains in it under
+  ``trainable='replaced'`` or ``'attention'`` [all its parameters];
+* ``healing_scope() -> str``: what ``trainable='auto'`` means when it is in the model: ``'replaced'`` or
+  ``'attention'`` [``'replaced'``]; any module asking for ``'attention'`` wins;
+* ``healing_learning_rate(trainable) -> float | None``: the measured peak learning rate for it when it is
+  what trains, ``None`` for the general default [``None``]; a model whose replaced modules agree on one
+  rate heals at that rate.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ __all__ = [
     "describe_replacement",
     "describe_replacements",
     "build_replacement",
+    "replacement_modules",
 ]
 
 _REPLACEMENTS: dict[str, type[nn.Module]] = {}
@@ -101,3 +117,8 @@ def build_replacement(
     return cls.from_spec(  # type: ignore[attr-defined]
         description["spec"], original=original, model_config=model_config, device=device, dtype=dtype
     )
+
+
+def replacement_modules(root: nn.Module) -> list[nn.Module]:
+    """Every registered replacement module inside ``root`` (``root`` included), outer before nested."""
+    return [m for m in root.modules() if describe_replacement(m) is not None]

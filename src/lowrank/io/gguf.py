@@ -3,7 +3,7 @@
 transformers reads the GGUF file (``gguf_file=``); the model is rebuilt from its config without the
 ``quantization_config`` and saved as a plain Hugging Face checkpoint, so the rest of the toolkit only ever
 sees ordinary float weights. A user's file is cached under ``<cache>/models/gguf/<stem>-<sha256 prefix>``
-(:func:`gguf_model_dir`); the built-in model (:func:`lowrank.assets.builtin_model_dir`) is converted by
+(:func:`gguf_model_dir`); the built-in model (:func:`lowrank.io.builtin.builtin_model_dir`) is converted by
 the same :func:`convert_gguf_file`.
 """
 
@@ -16,9 +16,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from lowrank.assets import cache_dir, ensure_entry
-from lowrank.gguf_header import check_gguf_file
-from lowrank.io import sha256_file
+from lowrank.io.assets import cache_dir, ensure_entry
+from lowrank.io.files import sha256_file
+from lowrank.io.gguf_header import check_gguf_file
 
 __all__ = ["gguf_model_dir", "convert_gguf_file"]
 
@@ -63,8 +63,8 @@ def convert_gguf_file(src: Path, out: Path, *, sha256: str | None = None) -> dic
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowrank.memory import check_bytes_fit
-    from lowrank.models import _check_loading_info
+    from lowrank.io.memory import check_bytes_fit
+    from lowrank.io.weights import check_loading_info
 
     start = time.perf_counter()
     summary = check_gguf_file(src)
@@ -83,7 +83,7 @@ def convert_gguf_file(src: Path, out: Path, *, sha256: str | None = None) -> dic
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, struct.error) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ValueError(f"{src}: transformers cannot load this GGUF file ({first})") from exc
-    _check_loading_info(src, info)  # a tensor missing from the file would be random: never converted
+    check_loading_info(src, info)  # a tensor missing from the file would be random: never converted
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)

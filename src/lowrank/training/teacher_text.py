@@ -28,17 +28,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank.assets import cache_dir
-from lowrank.checked import load_checked, save_checked
-from lowrank.healing import vocab_size
-from lowrank.kv_cache import cache_argument, make_cache
-from lowrank.layerwise import fingerprint, state_digest
+from lowrank.attention.cache import cache_argument, make_cache
+from lowrank.calibration.layerwise import fingerprint, state_digest
+from lowrank.io.assets import cache_dir
+from lowrank.io.checked import load_checked, save_checked
+from lowrank.nn.architectures import vocab_size
 
 __all__ = ["sample_sequences", "teacher_sequences"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 2  # 2: the file carries its SHA-256 (lowrank.checked)
+_FORMAT = 2  # 2: the file carries its SHA-256 (lowrank.io.checked)
 
 
 def _special_ids(model: nn.Module) -> set[int]:

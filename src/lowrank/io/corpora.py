@@ -25,8 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from lowrank.assets import cache_dir, download_package, ensure_entry
-from lowrank.io import write_json, write_text
+from lowrank.io.assets import cache_dir, download_package, ensure_entry
+from lowrank.io.files import write_json, write_text
 
 __all__ = ["BUILTIN_CORPORA", "corpus_dir", "wikitext_to_plain", "split_of_title"]
 

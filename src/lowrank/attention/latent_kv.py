@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.nn.rope import pair_dims, unrotate
+from lowrank.attention.codecs import register_codec
+from lowrank.attention.rope import pair_dims, unrotate
 
 __all__ = ["LatentKV", "LATENT_MODES"]
 
@@ -38,6 +39,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, index[None, :, None, :].expand(b, h, t, index.shape[-1]))
 
 
+@register_codec
 class LatentKV(nn.Module):
     """Partial RoPE plus latent K/V of one attention layer.
 
@@ -125,7 +127,7 @@ class LatentKV(nn.Module):
     def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
 
-    # -- codec protocol (see lowrank.kv_attention) ------------------------------------------------
+    # -- codec protocol (see lowrank.attention.wrapper) ------------------------------------------------
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, rope_tables
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +161,11 @@ class LatentKV(nn.Module):
         """(b, t, H, r_v) → (b, t, H, d): each head's output through U_vᵀ."""
         U_v = self._per_query_head(self._maps()[1]).to(outputs.dtype)
         return torch.einsum("bthr,hdr->bthd", outputs, U_v)
+
+    def healing_scope(self) -> str:
+        """``'attention'``: after partial RoPE the queries and keys of the dimensions that lost their
+        rotation must relearn what to match (benchmarks/results/heal_cpu.md)."""
+        return "attention"
 
     def cached_numbers(self) -> int:
         """Numbers cached per token and layer (over all KV heads)."""

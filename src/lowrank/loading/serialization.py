@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.architectures import attention_implementation
-from lowrank.io import atomic_dir, check_output_dir, sha256_file, write_json
+from lowrank.io.files import atomic_dir, check_output_dir, sha256_file, write_json
 from lowrank.nn import build_replacement, describe_replacements
-from lowrank.surgery import get_module, replace_module
+from lowrank.nn.architectures import attention_implementation
+from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_dir", "FORMAT_VERSION", "MANIFEST"]
 
@@ -88,8 +88,8 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    from lowrank.kv_cache import installed_cache
-    from lowrank.methods.base import applied_methods, applied_summaries
+    from lowrank.attention.cache import installed_cache
+    from lowrank.nn.history import applied_methods, applied_summaries
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -185,9 +185,9 @@ def load_compressed(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import lowrank.methods  # noqa: F401  (registers every method's replacement modules and cache classes)
-    from lowrank.kv_cache import install_cache
-    from lowrank.methods.base import set_applied_methods
+    import lowrank.attention.wrapper  # noqa: F401  (registers the compressed attention and its cache class)
+    from lowrank.attention.cache import install_cache
+    from lowrank.nn.history import set_applied_methods
 
     path = Path(path)
     if not is_compressed_dir(path):

@@ -5,22 +5,17 @@ from public pieces only: the original's projections and q/k norms (taken over, n
 names do not change), RoPE from the (cos, sin) the model's rotary embedding passes in, the Cache API,
 and the attention kernel from transformers' attention-function registry (``sdpa``, ``flash_attention_2``,
 …; ``eager`` is lowrank's own). Everything family-specific (q/k norm layout, biases, score scale,
-sliding windows, soft-capping, layers without RoPE) comes from :class:`~lowrank.architectures.LayerAttention`,
-so no transformers ``forward`` is ever called on it. A *codec* (an ``nn.Module``) has three methods:
-
-* ``encode(keys, values, rope_tables) -> (key_codes, value_codes)``: what the cache stores for new rotated
-  keys and values;
-* ``attend(queries, key_codes, value_codes, rope_tables, keys_decoded=...) -> (q, k, v)``: what the
-  attention function computes with (queries mapped into the codes' space, up-projections absorbed);
-* ``decode(outputs)``: each head's attention output back to head_dim before o_proj;
-
-plus ``cached_numbers()`` and ``codec_spec()``/``from_codec_spec()``. Two codecs exist:
-:class:`~lowrank.nn.KVProjection` (low-rank KV-cache projections, RoPE ``post`` or ``pre``) and
-:class:`~lowrank.nn.LatentKV` (MHA→MLA: partial RoPE plus a latent shared by keys and values).
+sliding windows, soft-capping, layers without RoPE) comes from
+:class:`~lowrank.nn.architectures.LayerAttention`,
+so no transformers ``forward`` is ever called on it. A *codec* (an ``nn.Module`` registered in
+:mod:`lowrank.attention.codecs`, which states its protocol) decides what the cache stores. Two are built in:
+:class:`~lowrank.attention.low_rank_kv.KVProjection` (low-rank KV-cache projections, RoPE ``post`` or
+``pre``) and :class:`~lowrank.attention.latent_kv.LatentKV` (MHA→MLA: partial RoPE plus a latent shared
+by keys and values).
 
 :class:`ProjectedKVCache` (a ``DynamicCache``) stores the codes, so the memory saving is real:
 ``generate``, the throughput harness and the KV-bytes measurement all use it once installed
-(:func:`lowrank.kv_cache.install_cache`). With any other cache, or none, the module encodes on the fly
+(:func:`lowrank.attention.cache.install_cache`). With any other cache, or none, the module encodes on the fly
 and computes the same logits.
 """
 
@@ -33,15 +28,20 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from lowrank.architectures import LayerAttention, attention_implementation, layer_attention
-from lowrank.kv_cache import register_cache
-from lowrank.nn import KVProjection, LatentKV, register_replacement
-from lowrank.nn.rope import rotate
+import lowrank.attention.latent_kv  # noqa: F401  (registers the built-in codecs)
+import lowrank.attention.low_rank_kv  # noqa: F401
+from lowrank.attention.cache import register_cache
+from lowrank.attention.codecs import codec_class
+from lowrank.attention.rope import rotate
+from lowrank.nn import register_replacement
+from lowrank.nn.architectures import LayerAttention, attention_implementation, layer_attention
 
-__all__ = ["ProjectedAttention", "ProjectedKVCache", "CODECS", "eager_attention"]
+__all__ = ["ProjectedAttention", "ProjectedKVCache", "eager_attention", "ATTENTION_LEARNING_RATE"]
 
-#: Codec classes by name (what a saved model records).
-CODECS: dict[str, type[nn.Module]] = {"KVProjection": KVProjection, "LatentKV": LatentKV}
+ATTENTION_LEARNING_RATE = 3e-4
+"""Peak healing learning rate when the converted attention's q/k/v/o train (``trainable='attention'``, the
+``auto`` choice after an MLA conversion): at the seed's MLA setting and 200k tokens it wins back 0.52 of the
+lost wiki log-perplexity against 0.42 at 1e-4 (benchmarks/results/heal_cpu.md)."""
 
 
 def eager_attention(
@@ -203,6 +203,24 @@ class ProjectedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, implementation={self.implementation}"
 
+    # -- healing protocol (see lowrank.nn.registry) --------------------------------------------
+    def healing_scope(self) -> str:
+        """``'attention'`` when its codec asks for the whole attention to train (partial RoPE), else
+        ``'replaced'``."""
+        scope = getattr(self.kv, "healing_scope", None)
+        return scope() if scope is not None else "replaced"
+
+    def healing_parameters(self, trainable: str):
+        """The codec only under ``'replaced'`` (q/k/v/o are the original's, unless themselves replaced);
+        everything under ``'attention'``."""
+        return self.parameters() if trainable == "attention" else self.kv.parameters()
+
+    def healing_learning_rate(self, trainable: str) -> float | None:
+        if trainable == "attention":
+            return ATTENTION_LEARNING_RATE
+        rate = getattr(self.kv, "healing_learning_rate", None)
+        return rate(trainable) if rate is not None else None
+
     # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     def replacement_spec(self) -> dict[str, Any]:
         return {"codec": type(self.kv).__name__, **self.kv.codec_spec()}
@@ -218,10 +236,9 @@ class ProjectedAttention(nn.Module):
             )
         spec = dict(spec)
         name = spec.pop("codec", "KVProjection")
-        if name not in CODECS:
-            raise ValueError(f"unknown KV codec {name!r}; known: {', '.join(CODECS)}")
+        codec_cls = codec_class(name)
         try:
-            codec = CODECS[name].from_codec_spec(spec, device=device, dtype=dtype)
+            codec = codec_cls.from_codec_spec(spec, device=device, dtype=dtype)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"ProjectedAttention spec for {name} is incomplete: {spec!r}") from exc
         return cls(original, codec)
@@ -229,7 +246,7 @@ class ProjectedAttention(nn.Module):
 
 def _pre(module: ProjectedAttention) -> bool:
     """The layer reconstructs its keys before RoPE (the cache must keep positions)."""
-    return getattr(module.kv, "rope", None) == "pre"
+    return bool(getattr(module.kv, "needs_positions", False))
 
 
 @register_cache
@@ -252,8 +269,8 @@ class ProjectedKVCache(DynamicCache):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ProjectedKVCache:
-        from lowrank.architectures import attention_info, get_arch_spec
-        from lowrank.surgery import get_module
+        from lowrank.nn.architectures import attention_info, get_arch_spec
+        from lowrank.nn.surgery import get_module
 
         layers = {
             int(module.layer_idx): module
@@ -281,7 +298,7 @@ class ProjectedKVCache(DynamicCache):
     @classmethod
     def bytes_per_token(cls, model: nn.Module) -> float:
         """Analytic bytes per token: K A and V C of the projected layers (plus positions for ``pre``)."""
-        from lowrank.kv_cache import default_kv_bytes_per_token
+        from lowrank.attention.cache import default_kv_bytes_per_token
 
         total = default_kv_bytes_per_token(model)
         for module in model.modules():

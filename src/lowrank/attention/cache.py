@@ -37,7 +37,7 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from lowrank.architectures import attention_shape
+from lowrank.nn.architectures import attention_shape
 
 __all__ = [
     "register_cache",
@@ -110,7 +110,7 @@ def _resolve(cache: str | type[Cache]) -> tuple[str, type[Cache]]:
     if not names:
         raise ValueError(
             f"cache class {getattr(cache, '__qualname__', cache)!r} is not registered; "
-            "decorate it with @lowrank.kv_cache.register_cache first"
+            "decorate it with @lowrank.attention.cache.register_cache first"
         )
     return names[0], cache
 

@@ -20,7 +20,8 @@ when both are fitted and evaluated on the same tokens (the seed's identity); on 
 no longer holds exactly and the measured gap may even be negative. The same quantities on the calibration
 tokens (``*_calibration``) are reported too; there ε equals the measured gap up to rounding.
 
-Everything is computed from per-head d × d Gram matrices (:class:`lowrank.attention_stats.AttentionGrams`)
+Everything is computed from per-head d × d Gram matrices
+(:class:`lowrank.calibration.attention_stats.AttentionGrams`)
 of the unchanged model: memory does not grow with the number of tokens.
 
 References:
@@ -39,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.architectures import attention_info, decoder_layers, get_arch_spec
-from lowrank.attention_stats import AttentionGrams, attention_request
+from lowrank.calibration.attention_stats import AttentionGrams, attention_request
+from lowrank.calibration.pipeline import CalibrationConfig, collect_calibration_statistics
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import refusal
 from lowrank.methods.kv_projection import KEY_METHODS, VALUE_METHODS, KVProjectionConfig, key_maps, value_maps
-from lowrank.pipeline import CalibrationConfig, collect_calibration_statistics
-from lowrank.surgery import get_module
+from lowrank.nn.architectures import attention_info, decoder_layers, get_arch_spec
+from lowrank.nn.surgery import get_module
 
 __all__ = ["KVAnalysis", "analyze_kv", "collect_attention_grams", "recommend", "plot_kv_analysis"]
 
@@ -294,7 +295,7 @@ def plot_kv_analysis(analysis: KVAnalysis, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lowrank.io import atomic_path
+    from lowrank.io.files import atomic_path
 
     layers = len(analysis.layers)
     heads = len(analysis.rows) // layers

@@ -2,7 +2,7 @@
 
 Heal checkpoints and stored teacher sequences are read back across runs. Each is one file: a header line
 (``LOWRANK-CHECKED 1 <sha256 of the payload>``) followed by the ``torch.save`` payload, written atomically
-(:func:`lowrank.io.atomic_path`). :func:`load_checked` recomputes the digest before unpickling anything.
+(:func:`lowrank.io.files.atomic_path`). :func:`load_checked` recomputes the digest before unpickling anything.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lowrank.io import atomic_path
+from lowrank.io.files import atomic_path
 
 __all__ = ["save_checked", "load_checked", "ChecksumError"]
 

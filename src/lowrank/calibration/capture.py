@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.architectures import decoder_layers, get_arch_spec
-from lowrank.surgery import get_module, replace_module
+from lowrank.nn.architectures import decoder_layers, get_arch_spec
+from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = [
     "Statistic",
@@ -268,7 +268,7 @@ def capture_layer_inputs(
     sliding-window masks are captured exactly as the model would pass them.
 
     Args:
-        model: a causal LM with a Llama-like layout (see ``lowrank.architectures``).
+        model: a causal LM with a Llama-like layout (see ``lowrank.nn.architectures``).
         input_ids: (samples, seq_len) token ids.
         batch_size: samples per chunk.
         device: compute device (default: the device of the model's parameters).

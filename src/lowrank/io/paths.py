@@ -33,10 +33,10 @@ def input_path(name: str | os.PathLike[str] | None) -> Path | None:
     if name is None:
         return None
     text = str(name)
-    from lowrank.assets import BUILTIN_MODELS
+    from lowrank.io.builtin import BUILTIN_MODELS
 
     if text in BUILTIN_MODELS:
-        from lowrank.assets import cache_dir
+        from lowrank.io.assets import cache_dir
 
         return _real(cache_dir() / "models" / text)
     path = Path(text).expanduser()
@@ -87,7 +87,7 @@ def check_paths(
 
 
 def _lock_file(path: Path) -> Path:
-    from lowrank.assets import cache_dir
+    from lowrank.io.assets import cache_dir
 
     digest = hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:16]
     locks = cache_dir() / ".locks"

@@ -1,6 +1,6 @@
 """The layer-by-layer driver: calibrate, compress and advance one decoder layer at a time, resumably.
 
-Methods supply two callables and get the protocol of ``lowrank.calibration`` with progress bars,
+Methods supply two callables and get the protocol of ``lowrank.calibration.capture`` with progress bars,
 timings and checkpoints:
 
 * ``requests(index, layer) -> {key: StatRequest}``: what to accumulate for this layer;
@@ -29,8 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank.architectures import decoder_layers
-from lowrank.calibration import (
+from lowrank.calibration.capture import (
     LayerInputs,
     Statistic,
     StatRequest,
@@ -39,9 +38,10 @@ from lowrank.calibration import (
     collect_layer_statistics,
     run_layer,
 )
-from lowrank.io import atomic_path, sha256_file, write_json
+from lowrank.io.files import atomic_path, sha256_file, write_json
 from lowrank.nn import build_replacement, describe_replacements
-from lowrank.surgery import replace_module
+from lowrank.nn.architectures import decoder_layers
+from lowrank.nn.surgery import replace_module
 
 __all__ = ["run_layerwise", "collect_statistics", "process_statistics", "LayerCheckpoint", "fingerprint"]
 

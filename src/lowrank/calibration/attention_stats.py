@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from lowrank.architectures import (
+from lowrank.calibration.capture import Statistic, StatRequest
+from lowrank.nn.architectures import (
     QKNormLayout,
     attention_function,
     attention_implementation,
@@ -39,8 +40,7 @@ from lowrank.architectures import (
     get_arch_spec,
     routed_config,
 )
-from lowrank.calibration import Statistic, StatRequest
-from lowrank.surgery import get_module
+from lowrank.nn.surgery import get_module
 
 __all__ = ["AttentionGrams", "attention_request", "CAPTURE_IMPLEMENTATION"]
 
@@ -270,7 +270,7 @@ def attention_request(model: nn.Module, dtype: torch.dtype = torch.float64) -> S
     """Request :class:`AttentionGrams` of a decoder layer's attention module (the same for every layer).
 
     Args:
-        model: a causal LM of a registered or Llama-like family (see ``lowrank.architectures``).
+        model: a causal LM of a registered or Llama-like family (see ``lowrank.nn.architectures``).
         dtype: accumulation dtype.
 
     Returns:

@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "ArchSpec",
     "get_arch_spec",
+    "vocab_size",
     "register_arch_spec",
     "decoder_layers",
     "attention_shape",
@@ -414,3 +415,11 @@ def routed_config(config, implementation: str):
     routed = copy.copy(config)
     routed._attn_implementation = {"": implementation}
     return routed
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output head: the vocabulary the model predicts over (``config.vocab_size`` without one)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)

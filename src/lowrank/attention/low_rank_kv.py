@@ -10,7 +10,7 @@ have B = A (D = C); the attention-optimal ones are oblique. With R = d and A Báµ
 Tensor layouts follow transformers' attention functions: queries (b, H, t, d), keys and values
 (b, H_kv, t, d), attention outputs (b, t, H, d).
 
-As a *codec* of :class:`lowrank.kv_attention.ProjectedAttention` it works in one of two RoPE modes:
+As a *codec* of :class:`lowrank.attention.wrapper.ProjectedAttention` it works in one of two RoPE modes:
 ``post`` projects rotated keys (queries become Q B); ``pre`` projects keys before RoPE (they are
 un-rotated, encoded, and at attention time reconstructed as (K A) Báµ€ and rotated again).
 """
@@ -22,13 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.nn.rope import rotate, unrotate
+from lowrank.attention.codecs import register_codec
+from lowrank.attention.rope import rotate, unrotate
 
-__all__ = ["KVProjection", "ROPE_MODES"]
+__all__ = ["KVProjection", "ROPE_MODES", "CODEC_LEARNING_RATE"]
 
 ROPE_MODES = ("post", "pre")
+CODEC_LEARNING_RATE = 1e-5
+"""Peak healing learning rate when only ``kv-projection`` codecs train: they start at a closed-form optimum
+that 1e-4 knocks them off for good, while 1e-5 wins back 0.58 of the lost wiki log-perplexity in 200k
+tokens (benchmarks/results/heal_cpu.md)."""
 
 
+@register_codec
 class KVProjection(nn.Module):
     """Key (and optionally value) projections of one attention layer.
 
@@ -143,7 +149,7 @@ class KVProjection(nn.Module):
             return outputs
         return torch.einsum("bthr,hdr->bthd", outputs, self._per_query_head(self.value_up).to(outputs.dtype))
 
-    # -- codec protocol (see lowrank.kv_attention) ------------------------------------------------
+    # -- codec protocol (see lowrank.attention.wrapper) ------------------------------------------------
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, rope_tables
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +173,15 @@ class KVProjection(nn.Module):
     def decode(self, outputs: torch.Tensor) -> torch.Tensor:
         """Each head's attention output back to d dimensions."""
         return self.decode_outputs(outputs)
+
+    @property
+    def needs_positions(self) -> bool:
+        """``rope='pre'``: keys are rebuilt before RoPE, so the cache keeps each token's position."""
+        return self.rope == "pre"
+
+    def healing_learning_rate(self, trainable: str) -> float:
+        """:data:`CODEC_LEARNING_RATE` (measured) whatever trains with it."""
+        return CODEC_LEARNING_RATE
 
     def cached_numbers(self) -> int:
         """Numbers cached per token and layer (over all KV heads)."""

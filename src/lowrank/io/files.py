@@ -40,7 +40,7 @@ __all__ = [
     "TOOLKIT_MARKER",
 ]
 
-#: A directory holding this file was written by the toolkit (see :mod:`lowrank.serialization`).
+#: A directory holding this file was written by the toolkit (see :mod:`lowrank.loading.serialization`).
 TOOLKIT_MARKER = "lowrank.json"
 
 #: Leftovers without a process id in their name (older versions) count as stale after this many seconds.

@@ -33,20 +33,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank.checked import ChecksumError, load_checked, save_checked
-from lowrank.dtypes import dtype_name
-from lowrank.layerwise import fingerprint
-from lowrank.nn.registry import describe_replacement
+from lowrank.calibration.layerwise import fingerprint
+from lowrank.core.dtypes import dtype_name
+from lowrank.io.checked import ChecksumError, load_checked, save_checked
+from lowrank.nn.architectures import vocab_size
+from lowrank.nn.registry import replacement_modules
 
-if TYPE_CHECKING:
-    from lowrank.methods.heal import HealConfig
+#: The heal method's config (:class:`lowrank.methods.heal.HealConfig`). Typed loosely on purpose: the
+#: training loop sits below the methods layer and reads only the fields it documents.
+HealConfig = Any
 
 __all__ = [
     "heal",
@@ -77,14 +79,6 @@ LEARNING_RATE = 1e-4
 """Peak learning rate when low-rank factors, MLA codecs alone (or everything) train: the best of those
 measured on the built-in model (3e-4 diverges on svd-llm-v2 factors; the MLA codec barely moves at 1e-5;
 benchmarks/results/heal_cpu.md)."""
-ATTENTION_LEARNING_RATE = 3e-4
-"""Peak learning rate when the converted attention's q/k/v/o train (``trainable='attention'``, the ``auto``
-choice after an MLA conversion): at the seed's MLA setting and 200k tokens it wins back 0.52 of the lost
-wiki log-perplexity against 0.42 at 1e-4 (benchmarks/results/heal_cpu.md)."""
-CODEC_LEARNING_RATE = 1e-5
-"""Peak learning rate when only ``kv-projection`` codecs train: they start at a closed-form optimum that
-1e-4 knocks them off for good, while 1e-5 wins back 0.58 of the lost wiki log-perplexity in 200k tokens
-(benchmarks/results/heal_cpu.md)."""
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
 LOSS_CHUNK_BYTES = 64 * 2**20
@@ -92,7 +86,7 @@ LOSS_CHUNK_BYTES = 64 * 2**20
 vocabulary, 64 of a 262,144-token one. The loss then adds about six chunks of temporaries to the logits'
 gradient, whatever the batch (benchmarks/results/heal_loss_cpu.md)."""
 _IGNORE = -100  # cross-entropy target of the positions without a next token
-_FORMAT = 2  # 2: the file carries its SHA-256 (lowrank.checked)
+_FORMAT = 2  # 2: the file carries its SHA-256 (lowrank.io.checked)
 CHECKPOINT_FILE = "heal_state.pt"  # the one file a checkpoint directory holds
 
 
@@ -101,8 +95,9 @@ class CheckpointError(ValueError):
 
 
 def resolve_trainable(model: nn.Module, trainable: str = "auto") -> str:
-    """What ``trainable='auto'`` means for ``model``: ``attention`` when an attention was converted to
-    partial RoPE (an MLA ``LatentKV`` codec), ``replaced`` otherwise; any other value is returned as is.
+    """What ``trainable='auto'`` means for ``model``: ``attention`` when a replacement module asks for it
+    (``healing_scope()``, e.g. an attention converted to partial RoPE), ``replaced`` otherwise; any other
+    value is returned as is.
 
     Measured on the built-in model at the seed's MLA setting (benchmarks/results/heal_cpu.md): with its
     q/k/v/o training too, 200k tokens win back 0.52 of the lost wiki log-perplexity (0.42 at lr 1e-4);
@@ -113,54 +108,43 @@ def resolve_trainable(model: nn.Module, trainable: str = "auto") -> str:
         raise ValueError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
     if trainable != "auto":
         return trainable
-    from lowrank.kv_attention import ProjectedAttention
-    from lowrank.nn import LatentKV
-
-    partial_rope = any(
-        isinstance(m, ProjectedAttention) and isinstance(m.kv, LatentKV) for m in model.modules()
-    )
-    return "attention" if partial_rope else "replaced"
+    scopes = {m.healing_scope() for m in replacement_modules(model) if hasattr(m, "healing_scope")}
+    return "attention" if "attention" in scopes else "replaced"
 
 
 def trainable_parameters(model: nn.Module, trainable: str = "auto") -> dict[str, nn.Parameter]:
     """``{name: parameter}`` that healing trains (tied parameters once, under their first name).
 
-    ``replaced``: the parameters of every registered replacement module, except that a converted
-    attention (``ProjectedAttention``) contributes its codec ``kv`` only, not the q/k/v/o modules it
-    shares with the original attention (those train when they are themselves low-rank replacements).
-    ``attention``: ``replaced`` plus every projection of each converted attention (its q/k/v/o), which
-    partial RoPE needs: the queries and keys of the dimensions that lost their rotation must relearn what
-    to match. ``all``: every parameter. ``auto``: see :func:`resolve_trainable`.
+    ``replaced`` and ``attention``: what each registered replacement module offers for that choice
+    (``healing_parameters(trainable)``, by default all its parameters): a converted attention offers its
+    codec only under ``replaced`` and its q/k/v/o too under ``attention``, which partial RoPE needs.
+    ``all``: every parameter. ``auto``: see :func:`resolve_trainable`.
     """
     trainable = resolve_trainable(model, trainable)
     if trainable == "all":
         return dict(model.named_parameters())
-    from lowrank.kv_attention import ProjectedAttention
-
     owned: set[int] = set()
-    for module in model.modules():
-        if describe_replacement(module) is not None:
-            whole = trainable == "attention" or not isinstance(module, ProjectedAttention)
-            owned.update(id(p) for p in (module if whole else module.kv).parameters())
+    for module in replacement_modules(model):
+        offer = getattr(module, "healing_parameters", None)
+        owned.update(id(p) for p in (offer(trainable) if offer is not None else module.parameters()))
     return {name: p for name, p in model.named_parameters() if id(p) in owned}
 
 
 def default_learning_rate(model: nn.Module, trainable: str = "auto") -> float:
-    """The peak learning rate a healing run uses when none is given, by what trains (see each constant for
-    its measurements): with converted attention only (no low-rank factors, which 3e-4 blows up),
-    :data:`CODEC_LEARNING_RATE` when only ``kv-projection`` codecs train and
-    :data:`ATTENTION_LEARNING_RATE` when the converted attention trains whole; :data:`LEARNING_RATE` in
-    every other case."""
-    from lowrank.kv_attention import ProjectedAttention
-    from lowrank.nn import KVProjection
-
+    """The peak learning rate a healing run uses when none is given: the rate every replacement module
+    names for itself (``healing_learning_rate``, measured: :data:`ATTENTION_LEARNING_RATE` for converted
+    attention training whole, :data:`CODEC_LEARNING_RATE` for ``kv-projection`` codecs alone, whose
+    closed-form optimum 3e-4 would knock off) when they all agree; :data:`LEARNING_RATE` in every other
+    case."""
     trainable = resolve_trainable(model, trainable)
-    replaced = [m for m in model.modules() if describe_replacement(m) is not None]
-    if trainable == "all" or not replaced or not all(isinstance(m, ProjectedAttention) for m in replaced):
+    replaced = replacement_modules(model)
+    if trainable == "all" or not replaced:
         return LEARNING_RATE
-    if trainable == "attention":
-        return ATTENTION_LEARNING_RATE
-    return CODEC_LEARNING_RATE if all(isinstance(m.kv, KVProjection) for m in replaced) else LEARNING_RATE
+    rates = {
+        m.healing_learning_rate(trainable) if hasattr(m, "healing_learning_rate") else None for m in replaced
+    }
+    rate = rates.pop() if len(rates) == 1 else None
+    return LEARNING_RATE if rate is None else rate
 
 
 def distillation_loss(
@@ -362,20 +346,12 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vocab_size(model: nn.Module) -> int:
-    """Rows of the output head: the vocabulary the model predicts over (``config.vocab_size`` without one)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
 def split_tokens(ids: Any, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(training, held-out) sequences: the first ceil(tokens / seq_len) rows and the last held-out rows."""
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
         raise ValueError(
             f"heal needs calibration token ids (samples, seq_len); got {type(ids).__name__}; build them with "
-            "lowrank.pipeline.calibration_tokens(config.calibration, tokenizer)"
+            "lowrank.calibration.pipeline.calibration_tokens(config.calibration, tokenizer)"
         )
     samples, seq_len = ids.shape
     n_train = config.training_sequences(seq_len)

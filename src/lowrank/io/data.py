@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank.corpora import BUILTIN_CORPORA, corpus_dir
-from lowrank.io import read_text
+from lowrank.io.corpora import BUILTIN_CORPORA, corpus_dir
+from lowrank.io.files import read_text
 
 __all__ = ["load_text", "tokenize", "calibration_batches", "default_bos_id", "resolve_bos"]
 

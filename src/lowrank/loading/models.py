@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
-from lowrank import dtypes
-from lowrank.assets import BUILTIN_MODELS, builtin_model_dir
+from lowrank.core import dtypes
+from lowrank.io.builtin import BUILTIN_MODELS, builtin_model_dir
+from lowrank.io.weights import check_loading_info
 
 __all__ = ["load_model", "resolve_dtype", "BUILTIN_MODELS"]
 
 logger = logging.getLogger(__name__)
 
-#: The dtypes a model may be loaded in (names in :data:`lowrank.dtypes.DTYPES`).
+#: The dtypes a model may be loaded in (names in :data:`lowrank.core.dtypes.DTYPES`).
 _MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,7 +41,7 @@ def load_model(
         name_or_path: one of
             * a built-in name (``'smollm2-135m'``): converted once into the cache, then loaded from it;
             * a directory written by this toolkit (it holds ``lowrank.json``): loaded by
-              :func:`lowrank.serialization.load_compressed`, low-rank layers included;
+              :func:`lowrank.loading.serialization.load_compressed`, low-rank layers included;
             * a local Hugging Face model directory (it holds ``config.json``);
             * a ``.gguf`` file: dequantized to float32 like the built-in model, converted once into
               the cache (keyed by the file's content) and loaded from there;
@@ -63,12 +64,12 @@ def load_model(
         return _load_hf(builtin_model_dir(name), device, dtype, False)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf" and not path.is_dir():
-        from lowrank.gguf import gguf_model_dir
+        from lowrank.io.gguf import gguf_model_dir
 
         return _load_hf(gguf_model_dir(path), device, dtype, False)
     if path.is_dir():
         if (path / "lowrank.json").is_file():
-            from lowrank.serialization import load_compressed
+            from lowrank.loading.serialization import load_compressed
 
             return load_compressed(path, device=device, dtype=dtype)
         if (path / "config.json").is_file():
@@ -98,7 +99,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _check_weights(path: Path) -> None:
     """Refuse, naming the file, a truncated, empty or corrupt ``.safetensors`` file before loading."""
-    from lowrank.assets import safetensors_problem
+    from lowrank.io.assets import safetensors_problem
 
     for file in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(file)
@@ -106,33 +107,10 @@ def _check_weights(path: Path) -> None:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({problem}); save it again")
 
 
-def _check_loading_info(source: str | Path, info: dict) -> None:
-    """Refuse (one line naming the first tensor) weights that do not fit the config: a missing tensor would
-    be randomly initialised, a mismatched or unexpected one means the config describes another model."""
-    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
-    if mismatched:
-        key, *shapes = mismatched[0] if isinstance(mismatched[0], tuple | list) else (mismatched[0],)
-        shown = f" (weights {tuple(shapes[0])}, config {tuple(shapes[1])})" if len(shapes) == 2 else ""
-        raise ValueError(
-            f"{source}: tensor {key!r} has another shape in the weights than config.json describes{shown}; "
-            f"{len(mismatched)} mismatching tensor(s): the config does not belong to these weights"
-        )
-    for kind, what in (
-        ("missing_keys", "missing from the weights"),
-        ("unexpected_keys", "not in config.json"),
-    ):
-        names = sorted(info.get(kind) or [])
-        if names:
-            raise ValueError(
-                f"{source}: tensor {names[0]!r} is {what} ({len(names)} tensor(s)); config.json and the "
-                "weights describe different models, refusing to use randomly initialised weights"
-            )
-
-
 def _load_hf(source: str | Path, device: str | torch.device, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowrank.memory import check_model_fits
+    from lowrank.io.memory import check_model_fits
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -142,7 +120,7 @@ def _load_hf(source: str | Path, device: str | torch.device, dtype: torch.dtype,
             source,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True,  # reported by _check_loading_info below, never kept
+            ignore_mismatched_sizes=True,  # reported by check_loading_info below, never kept
             output_loading_info=True,
         )
     except ValueError as exc:
@@ -155,7 +133,7 @@ def _load_hf(source: str | Path, device: str | torch.device, dtype: torch.dtype,
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ValueError(f"{source}: could not load the model ({first})") from exc
-    _check_loading_info(source, info)
+    check_loading_info(source, info)
     model.to(device)
     model.eval()
     logger.debug("loaded %s (%s, %s)", source, dtype, device)

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank._dataclass import from_json_object
-from lowrank.calibration import Statistic, StatRequest, Timings, check_calibration_size
-from lowrank.dtypes import resolve_dtype
-from lowrank.layerwise import collect_statistics, process_statistics, run_layerwise
+from lowrank.calibration.capture import Statistic, StatRequest, Timings, check_calibration_size
+from lowrank.calibration.layerwise import collect_statistics, process_statistics, run_layerwise
+from lowrank.core.config import from_json_object
+from lowrank.core.dtypes import resolve_dtype
 
 __all__ = [
     "CalibrationConfig",
@@ -91,7 +91,7 @@ class CalibrationConfig:
 
 def calibration_tokens(config: CalibrationConfig, tokenizer: Any) -> torch.Tensor:
     """Draw the (samples, seq_len) calibration token ids that ``config`` describes."""
-    from lowrank.data import calibration_batches, load_text
+    from lowrank.io.data import calibration_batches, load_text
 
     text = load_text(config.data, "calibration")
     return calibration_batches(tokenizer, text, config.samples, config.seq_len, seed=config.seed)
@@ -247,12 +247,12 @@ class RunContext:
             raise ValueError(
                 "this method needs calibration token ids (samples, seq_len) or CalibrationStatistics; got "
                 f"{type(ids).__name__}; build them with lowrank.calibration_batches(...) or "
-                "lowrank.pipeline.calibration_tokens(config.calibration, tokenizer)"
+                "lowrank.calibration.pipeline.calibration_tokens(config.calibration, tokenizer)"
             )
         return ids
 
 
 def _layer_count(model: nn.Module) -> int:
-    from lowrank.architectures import decoder_layers
+    from lowrank.nn.architectures import decoder_layers
 
     return len(decoder_layers(model))

@@ -1,0 +1,1 @@
+"""Loading and saving: model sources, compressed checkpoints and exports to standard layouts."""

@@ -1,0 +1,1 @@
+"""Training compressed models: the healing loop, its losses and teacher text."""
