@@ -59,7 +59,8 @@ from _common import (  # noqa: E402
 from _heal_report import objective_defaults  # noqa: E402
 from _heal_report import reference_key as _reference_key  # noqa: E402
 
-from lowrank.training.healing import PRECISIONS, SOURCES, TRAINABLE  # noqa: E402
+from lowrank.training.healing import PRECISIONS, SOURCES
+from lowrank.training.trainable import TRAINABLE
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
@@ -268,7 +269,8 @@ class _Run:
         under the same autocast as healing's held-out evaluations (their reference point)."""
         import torch
 
-        from lowrank.training.healing import autocast_dtype, distillation_loss, split_tokens
+        from lowrank.training.healing import autocast_dtype, split_tokens
+        from lowrank.training.losses import distillation_loss
 
         config = dataclasses.replace(self.heal_config(tokens), source=source)
         _, heldout = split_tokens(self.text(config)[0], config)
@@ -292,7 +294,8 @@ class _Run:
     ) -> dict[str, Any]:
         """Heal a copy of compressed model ``index`` (checkpointed in the work folder under ``key``: a
         ``--resume`` continues from the last checkpoint, a fresh run starts afresh) and measure it."""
-        from lowrank.training.healing import CHECKPOINT_FILE, CheckpointError, heal
+        from lowrank.training.checkpoints import CHECKPOINT_FILE, CheckpointError
+        from lowrank.training.healing import heal
 
         compressed, _ = self.compressed(index)
         config = self.heal_config(tokens, learning_rate, trainable, objective)
@@ -388,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["compressed"] = run.compressed(index)[1]
                 write_json(partial, state)
         from lowrank.core.dtypes import dtype_name
-        from lowrank.training.healing import autocast_dtype, default_learning_rate, resolve_trainable
+        from lowrank.training.healing import autocast_dtype
+        from lowrank.training.trainable import default_learning_rate, resolve_trainable
 
         amp = autocast_dtype(args.precision, "cpu")
         compute = "float32" if amp is None else dtype_name(amp)

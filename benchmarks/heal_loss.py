@@ -3,7 +3,7 @@
     python benchmarks/heal_loss.py                                   # results/heal_loss_cpu.{json,md}
     python benchmarks/heal_loss.py --vocab 1000 --batch-size 1 --seq-len 64 --results-dir /tmp/hl  # smoke
 
-``lowrank.training.healing.distillation_loss`` (KL at T = 1 with weight 0.9 plus cross-entropy) forward and
+``lowrank.training.losses.distillation_loss`` (KL at T = 1 with weight 0.9 plus cross-entropy) forward and
 backward
 on random student and teacher logits of the shape healing sees, ``(batch, seq, vocab)``, for the
 vocabularies of common model families. ``autograd``: the same objective written with torch functions over
@@ -62,7 +62,7 @@ def _child(args) -> dict[str, float]:
     """One (vocabulary, mode) in this process: extra peak bytes and median seconds of forward + backward."""
     import torch
 
-    from lowrank.training.healing import distillation_loss
+    from lowrank.training.losses import distillation_loss
 
     vocab, mode = int(args.child[0]), args.child[1]
     if args.threads:

@@ -48,7 +48,8 @@ def _step(student, teacher, ids, params, optimizer, amp) -> dict[str, float]:
     """One healing step, each phase timed."""
     import torch
 
-    from lowrank.training.healing import CLIP_NORM, distillation_loss
+    from lowrank.training.healing import CLIP_NORM
+    from lowrank.training.losses import distillation_loss
 
     times, clock = {}, time.perf_counter()
 
@@ -76,7 +77,7 @@ def _step(student, teacher, ids, params, optimizer, amp) -> dict[str, float]:
 def _measure(args, student, teacher, amp) -> dict[str, float]:
     import torch
 
-    from lowrank.training.healing import trainable_parameters
+    from lowrank.training.trainable import trainable_parameters
 
     params = list(trainable_parameters(student).values())
     for p in student.parameters():

@@ -23,8 +23,8 @@ from lowrank.methods import CompressionResult, MethodConfig, compress, register_
 from lowrank.nn import register_replacement
 from lowrank.nn.architectures import attention_info, get_arch_spec
 from lowrank.nn.surgery import get_module, replace_module
-from lowrank.training.healing import LEARNING_RATE, default_learning_rate, resolve_trainable
-from lowrank.training.healing import trainable_parameters as healing_parameters
+from lowrank.training.trainable import LEARNING_RATE, default_learning_rate, resolve_trainable
+from lowrank.training.trainable import trainable_parameters as healing_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model
 from test_heal import SEQ_LEN, _compressed, _config, _ids
 
-import lowrank.training.healing as heal_module
+import lowrank.training.checkpoints as checkpoints
 from lowrank.io.checked import ChecksumError, load_checked, save_checked
 from lowrank.training.healing import heal
 from lowrank.training.teacher_text import teacher_sequences
@@ -54,9 +54,9 @@ def test_a_bit_flipped_in_a_heal_checkpoint_is_refused_not_resumed(tmp_path):
     student = _compressed(teacher)
     config = _config(checkpoint_minutes=0, tokens=12 * SEQ_LEN, heldout_sequences=4)
     heal(copy.deepcopy(student), teacher, _ids(), config, checkpoint_dir=tmp_path, progress=False)
-    path = tmp_path / heal_module.CHECKPOINT_FILE
+    path = tmp_path / checkpoints.CHECKPOINT_FILE
     _flip(path, path.stat().st_size // 2)
-    with pytest.raises(heal_module.CheckpointError, match="damaged healing checkpoint.*SHA-256") as info:
+    with pytest.raises(checkpoints.CheckpointError, match="damaged healing checkpoint.*SHA-256") as info:
         heal(copy.deepcopy(student), teacher, _ids(), config, checkpoint_dir=tmp_path, progress=False)
     assert "\n" not in str(info.value)
 

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from _tiny import save_tiny_model_dir, tiny_text, tiny_tokenizer
 from conftest import make_tiny_model, random_tokens
 
+import lowrank.training.checkpoints as checkpoints
 import lowrank.training.healing as heal_module
 from lowrank.attention.cache import kv_bytes_per_token
+from lowrank.attention.low_rank_kv import CODEC_LEARNING_RATE
+from lowrank.attention.wrapper import ATTENTION_LEARNING_RATE
 from lowrank.cli import main
 from lowrank.loading.serialization import load_compressed, read_manifest, save_compressed
 from lowrank.methods import (
@@ -26,16 +29,11 @@ from lowrank.methods import (
     compress,
     count_parameters,
 )
-from lowrank.training.healing import (
-    ATTENTION_LEARNING_RATE,
-    CODEC_LEARNING_RATE,
+from lowrank.training.healing import autocast_dtype, fast_bfloat16, heal
+from lowrank.training.losses import distillation_loss, hidden_state_loss
+from lowrank.training.trainable import (
     LEARNING_RATE,
-    autocast_dtype,
     default_learning_rate,
-    distillation_loss,
-    fast_bfloat16,
-    heal,
-    hidden_state_loss,
     resolve_trainable,
     trainable_parameters,
 )
@@ -296,16 +294,16 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pair, tmp_path
     assert {k: v for k, v in details.items() if k not in volatile} == {
         k: v for k, v in expected.items() if k not in volatile
     }
-    with pytest.raises(heal_module.CheckpointError, match="another healing run") as info:
+    with pytest.raises(checkpoints.CheckpointError, match="another healing run") as info:
         heal(copy.deepcopy(student), teacher, ids, _config(learning_rate=1e-4), checkpoint_dir=tmp_path)
     # the refusal names what differs, here the learning rate as configured and as used
     assert "learning_rate: 0.0003 there, 0.0001 here" in str(info.value)
     assert "peak_learning_rate: 0.0003 there, 0.0001 here" in str(info.value)
     assert "\n" not in str(info.value)
-    with pytest.raises(heal_module.CheckpointError, match="other training text or starting weights"):
+    with pytest.raises(checkpoints.CheckpointError, match="other training text or starting weights"):
         heal(copy.deepcopy(student), teacher, ids.flip(0), config, checkpoint_dir=tmp_path)
-    (tmp_path / heal_module.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(heal_module.CheckpointError, match="damaged healing checkpoint.*delete it") as info:
+    (tmp_path / checkpoints.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoints.CheckpointError, match="damaged healing checkpoint.*delete it") as info:
         heal(copy.deepcopy(student), teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
     assert "\n" not in str(info.value)
 

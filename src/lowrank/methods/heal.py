@@ -33,7 +33,8 @@ from torch import nn
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn.registry import describe_replacement
-from lowrank.training.healing import PRECISIONS, SOURCES, TRAINABLE, heal, split_tokens, trainable_parameters
+from lowrank.training.healing import PRECISIONS, SOURCES, heal, split_tokens
+from lowrank.training.trainable import TRAINABLE, trainable_parameters
 
 __all__ = ["HealConfig"]
 
@@ -69,7 +70,7 @@ class HealConfig(MethodConfig):
     learning_rate: float | None = None
     """Peak AdamW learning rate (linear warmup over 5 % of the steps, cosine decay to 10 % of it); unset:
     1e-5 when only ``kv-projection`` codecs train, 3e-4 when converted attention trains whole, 1e-4
-    otherwise (``lowrank.training.healing.default_learning_rate``, chosen by measurement)."""
+    otherwise (``lowrank.training.trainable.default_learning_rate``, chosen by measurement)."""
     batch_size: int = 4
     """Sequences per optimizer step."""
     source: str = field(default="corpus", metadata={"choices": SOURCES})
@@ -82,7 +83,7 @@ class HealConfig(MethodConfig):
     """``replaced``: only what compression replaced (low-rank factors, KV codecs); ``attention``: that plus
     the q/k/v/o projections of every converted attention (what partial RoPE needs to relearn); ``all``:
     every weight; ``auto``: ``attention`` for a model with MLA (partial-RoPE) attention, else ``replaced``
-    (``lowrank.training.healing.resolve_trainable``, chosen by measurement)."""
+    (``lowrank.training.trainable.resolve_trainable``, chosen by measurement)."""
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Compute of the forward and backward passes: ``bfloat16`` autocast or ``float32``; ``auto``: bfloat16
     where the device multiplies it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else float32.
@@ -94,7 +95,7 @@ class HealConfig(MethodConfig):
     hidden_weight: float = 0.0
     """Weight λ ≥ 0 of a hidden-state term added to the objective: the residual stream after every decoder
     layer learns the teacher's (relative squared error per token,
-    ``lowrank.training.healing.hidden_state_loss``);
+    ``lowrank.training.losses.hidden_state_loss``);
     0 (off): logits only."""
     heldout_sequences: int = 8
     """Calibration sequences kept out of training to measure the held-out loss."""
