@@ -153,8 +153,8 @@ def kv_statistics(model: Any, ids: Any) -> tuple[Any, float]:
     import time
 
     from lowrank.calibration.attention_stats import attention_request
-    from lowrank.calibration.capture import InputGram, StatRequest
     from lowrank.calibration.pipeline import CalibrationConfig, collect_calibration_statistics
+    from lowrank.calibration.statistics import InputGram, StatRequest
     from lowrank.nn.architectures import get_arch_spec
 
     cal = CalibrationConfig(sequential=False, samples=ids.shape[0], seq_len=ids.shape[1])

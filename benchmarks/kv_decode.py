@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lowrank.nn.architectures import attention_implementation
+    from lowrank.nn.attention_layout import attention_implementation
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")

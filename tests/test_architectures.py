@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import make_tiny_model
 
-from lowrank.nn.architectures import (
-    ArchSpec,
-    attention_info,
-    attention_shape,
-    decoder_layers,
-    get_arch_spec,
-    register_arch_spec,
-)
+from lowrank.nn.architectures import ArchSpec, decoder_layers, get_arch_spec, register_arch_spec
+from lowrank.nn.attention_layout import attention_info, attention_shape
 
 #: family -> (q/k norm layout, scale read from the config or None for head_dim**-0.5)
 FAMILIES = {

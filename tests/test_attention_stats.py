@@ -10,14 +10,10 @@ import torch
 from conftest import make_tiny_model, random_tokens
 
 from lowrank.calibration.attention_stats import _TAPS, AttentionGrams, attention_request
-from lowrank.calibration.capture import (
-    InputGram,
-    Statistic,
-    StatRequest,
-    capture_layer_inputs,
-    collect_layer_statistics,
-)
-from lowrank.nn.architectures import attention_info, decoder_layers
+from lowrank.calibration.capture import capture_layer_inputs, collect_layer_statistics
+from lowrank.calibration.statistics import InputGram, Statistic, StatRequest
+from lowrank.nn.architectures import decoder_layers
+from lowrank.nn.attention_layout import attention_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,17 +8,9 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_tokens
 
-from lowrank.calibration.capture import (
-    InputGram,
-    OutputGram,
-    Statistic,
-    StatRequest,
-    Timings,
-    capture_layer_inputs,
-    check_calibration_size,
-    run_layer,
-)
+from lowrank.calibration.capture import capture_layer_inputs, check_calibration_size, run_layer
 from lowrank.calibration.layerwise import run_layerwise
+from lowrank.calibration.statistics import InputGram, OutputGram, Statistic, StatRequest, Timings
 from lowrank.nn import LowRankLinear
 from lowrank.nn.architectures import decoder_layers
 from lowrank.nn.surgery import replace_module

@@ -21,7 +21,8 @@ from lowrank.evaluation import memory_report
 from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import CompressionResult, MethodConfig, compress, register_method
 from lowrank.nn import register_replacement
-from lowrank.nn.architectures import attention_info, get_arch_spec
+from lowrank.nn.architectures import get_arch_spec
+from lowrank.nn.attention_layout import attention_info
 from lowrank.nn.surgery import get_module, replace_module
 from lowrank.training.trainable import LEARNING_RATE, default_learning_rate, resolve_trainable
 from lowrank.training.trainable import trainable_parameters as healing_parameters

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, make_tiny_model, random_tokens
 
-from lowrank.calibration.capture import Timings
+from lowrank.calibration.statistics import Timings
 from lowrank.linalg.whitening import output_loss
 from lowrank.methods import (
     SVDConfig,

@@ -28,7 +28,7 @@ SOURCES = (ROOT / "src" / "lowrank", ROOT / "benchmarks")
 
 #: Private names of other libraries that lowrank may touch: (file relative to the repository, name) → reason.
 ALLOWED = {
-    ("src/lowrank/architectures.py", "_attn_implementation"): "transformers has no public getter or "
+    ("src/lowrank/nn/attention_layout.py", "_attn_implementation"): "transformers has no public getter or "
     "per-module setter for the attention kernel; its own modules and docs use this property (one accessor, "
     "one router)",
     ("src/lowrank/cli/compress.py", "_actions"): "argparse (standard library): the registered actions",

@@ -37,7 +37,7 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from lowrank.nn.architectures import attention_shape
+from lowrank.nn.attention_layout import attention_shape
 
 __all__ = [
     "register_cache",

@@ -34,7 +34,7 @@ from lowrank.attention.cache import register_cache
 from lowrank.attention.codecs import codec_class
 from lowrank.attention.rope import rotate
 from lowrank.nn import register_replacement
-from lowrank.nn.architectures import LayerAttention, attention_implementation, layer_attention
+from lowrank.nn.attention_layout import LayerAttention, attention_implementation, layer_attention
 
 __all__ = ["ProjectedAttention", "ProjectedKVCache", "eager_attention", "ATTENTION_LEARNING_RATE"]
 
@@ -269,7 +269,8 @@ class ProjectedKVCache(DynamicCache):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ProjectedKVCache:
-        from lowrank.nn.architectures import attention_info, get_arch_spec
+        from lowrank.nn.architectures import get_arch_spec
+        from lowrank.nn.attention_layout import attention_info
         from lowrank.nn.surgery import get_module
 
         layers = {

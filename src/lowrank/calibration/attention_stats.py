@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from lowrank.calibration.capture import Statistic, StatRequest
-from lowrank.nn.architectures import (
+from lowrank.calibration.statistics import Statistic, StatRequest
+from lowrank.nn.architectures import get_arch_spec
+from lowrank.nn.attention_layout import (
     QKNormLayout,
     attention_function,
     attention_implementation,
     attention_info,
-    get_arch_spec,
     routed_config,
 )
 from lowrank.nn.surgery import get_module

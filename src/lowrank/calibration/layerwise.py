@@ -29,15 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank.calibration.capture import (
-    LayerInputs,
-    Statistic,
-    StatRequest,
-    Timings,
-    capture_layer_inputs,
-    collect_layer_statistics,
-    run_layer,
-)
+from lowrank.calibration.capture import LayerInputs, capture_layer_inputs, collect_layer_statistics, run_layer
+from lowrank.calibration.statistics import Statistic, StatRequest, Timings
 from lowrank.io.files import atomic_path, sha256_file, write_json
 from lowrank.nn import build_replacement, describe_replacements
 from lowrank.nn.architectures import decoder_layers

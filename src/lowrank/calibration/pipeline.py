@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.calibration.capture import Statistic, StatRequest, Timings, check_calibration_size
+from lowrank.calibration.capture import check_calibration_size
 from lowrank.calibration.layerwise import collect_statistics, process_statistics, run_layerwise
+from lowrank.calibration.statistics import Statistic, StatRequest, Timings
 from lowrank.core.config import from_json_object
 from lowrank.core.dtypes import resolve_dtype
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from lowrank.io.files import atomic_dir, check_output_dir, sha256_file, write_json
 from lowrank.nn import build_replacement, describe_replacements
-from lowrank.nn.architectures import attention_implementation
+from lowrank.nn.attention_layout import attention_implementation
 from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_dir", "FORMAT_VERSION", "MANIFEST"]

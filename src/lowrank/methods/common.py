@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.calibration.capture import InputGram, Statistic, StatRequest, Timings
 from lowrank.calibration.pipeline import CalibrationConfig
+from lowrank.calibration.statistics import InputGram, Statistic, StatRequest, Timings
 from lowrank.core.dtypes import resolve_dtype
 from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
 from lowrank.linalg.allocation import (

@@ -45,7 +45,8 @@ from lowrank.calibration.pipeline import CalibrationConfig, collect_calibration_
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import refusal
 from lowrank.methods.kv_projection import KEY_METHODS, VALUE_METHODS, KVProjectionConfig, key_maps, value_maps
-from lowrank.nn.architectures import attention_info, decoder_layers, get_arch_spec
+from lowrank.nn.architectures import decoder_layers, get_arch_spec
+from lowrank.nn.attention_layout import attention_info
 from lowrank.nn.surgery import get_module
 
 __all__ = ["KVAnalysis", "analyze_kv", "collect_attention_grams", "recommend", "plot_kv_analysis"]

@@ -38,7 +38,8 @@ from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn import LowRankLinear, dense_weight
-from lowrank.nn.architectures import attention_info, decoder_layers, get_arch_spec
+from lowrank.nn.architectures import decoder_layers, get_arch_spec
+from lowrank.nn.attention_layout import attention_info
 from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = ["KVProjectionConfig", "KEY_METHODS", "VALUE_METHODS", "key_maps", "value_maps"]

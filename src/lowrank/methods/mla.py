@@ -36,13 +36,14 @@ from lowrank.attention.cache import install_cache
 from lowrank.attention.latent_kv import LatentKV
 from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.calibration.attention_stats import attention_request
-from lowrank.calibration.capture import InputGram, StatRequest
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
+from lowrank.calibration.statistics import InputGram, StatRequest
 from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.nn import dense_weight
-from lowrank.nn.architectures import attention_info, get_arch_spec
+from lowrank.nn.architectures import get_arch_spec
+from lowrank.nn.attention_layout import attention_info
 from lowrank.nn.surgery import get_module, replace_module
 
 __all__ = ["MLAConfig", "select_pairs", "latent_basis", "ROPE_SELECTIONS"]

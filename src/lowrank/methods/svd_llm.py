@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.calibration.capture import Statistic
 from lowrank.calibration.pipeline import CalibrationStatistics, RunContext, collect_calibration_statistics
+from lowrank.calibration.statistics import Statistic
 from lowrank.methods.base import CompressionResult, register_method
 from lowrank.methods.common import (
     Target,

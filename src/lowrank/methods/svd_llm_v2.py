@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.calibration.capture import Statistic, Timings
 from lowrank.calibration.pipeline import RunContext
+from lowrank.calibration.statistics import Statistic, Timings
 from lowrank.linalg.allocation import ALLOCATION_RULES, allocate_ranks, break_even_rank
 from lowrank.linalg.whitening import whiten, whitened_spectrum
 from lowrank.methods.base import CompressionResult, register_method
