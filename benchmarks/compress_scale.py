@@ -124,7 +124,7 @@ def compress_once(args: argparse.Namespace, decomposer: str, tokens, dtype) -> d
     model.to(args.device)  # the probe runs on the compute device: a bf16 7B forward on a host CPU is slow
     with torch.no_grad():
         logits = model(input_ids=tokens[:1, :64].to(args.device), use_cache=False).logits
-    losses = {name: m.get("loss") for name, m in result.modules.items()}
+    losses = {name: m.loss for name, m in result.modules.items()}
     record = {
         "decomposer": result.details["decomposer"],
         "build_seconds": round(build_s, 2),
@@ -134,7 +134,7 @@ def compress_once(args: argparse.Namespace, decomposer: str, tokens, dtype) -> d
         "peak_host_rss_bytes_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "ratio_params_removed": result.details["ratio_params_removed"],
         "keep_singular_fraction": result.details["keep_singular_fraction"],
-        "ranks": {m["kind"]: m["rank"] for m in result.modules.values()},
+        "ranks": {m.role: m.rank for m in result.modules.values()},
         "fallbacks": result.fallbacks,
         "decomposer_fallbacks": result.details.get("decomposer_fallbacks", {}),
         "truncation_loss_sum": sum(v for v in losses.values() if v is not None),

@@ -211,8 +211,8 @@ def _summarise(result) -> dict[str, Any]:
     mods = result.modules.values()
     if result.method == "mla":
         return {
-            "kv_fraction_kept": result.details["kv_fraction (KV-cache numbers KEPT)"],
-            "kv_rank": result.details["kv_rank (latent numbers per KV head)"],
+            "kv_fraction_kept": result.details["kv_fraction"],
+            "kv_rank": result.details["kv_rank"],
             "mla_relative_loss": result.details["mean_relative_loss"],
             "logit_error_calibration": None,
             "epsilon_gap_calibration": None,
@@ -222,13 +222,13 @@ def _summarise(result) -> dict[str, Any]:
     return {
         "key_ranks": result.details["key_ranks"],
         "value_ranks": result.details["value_ranks"],
-        "kv_fraction_kept": result.details[
-            "kv_fraction (cached K+V dimensions KEPT in the projected layers)"
-        ],
-        "logit_error_calibration": _mean([e for m in mods for e in m["logit_error_squared_relative"]]),
-        "epsilon_gap_calibration": _mean([e for m in mods for e in m["epsilon_gap_relative"]]),
+        "kv_fraction_kept": result.details["kv_fraction"],
+        "logit_error_calibration": _mean(
+            [e for m in mods for e in m.metrics["logit_error_squared_relative"]]
+        ),
+        "epsilon_gap_calibration": _mean([e for m in mods for e in m.metrics["epsilon_gap_relative"]]),
         "value_error_calibration": _mean(
-            [e for m in mods for e in m.get("value_error_squared_relative", [])]
+            [e for m in mods for e in m.metrics.get("value_error_squared_relative", [])]
         ),
         "compress_seconds": round(result.time_total_s, 1),
     }

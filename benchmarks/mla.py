@@ -185,11 +185,11 @@ class Runner:
     def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
         model, result = self.compressed(spec)
         details = result.details
-        cached = details["rope_dim (rotary features kept per KV head)"]
-        cached += details["kv_rank (latent numbers per KV head)"]
+        cached = details["rope_dim"]
+        cached += details["kv_rank"]
         record = {
             **spec,
-            "kv_fraction": details["kv_fraction (KV-cache numbers KEPT)"],
+            "kv_fraction": details["kv_fraction"],
             "cached_per_kv_head": cached,
             "mean_relative_loss": details["mean_relative_loss"],
             "fallbacks": result.fallbacks,

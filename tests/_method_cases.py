@@ -67,8 +67,8 @@ def _factors_only_where_planned(original: nn.Module, model: nn.Module, result) -
     named = dict(model.named_modules())
     for name, entry in result.modules.items():
         assert name in named, name
-        if entry.get("rank") is not None:
-            assert hasattr(named[name], "rank") and named[name].rank == entry["rank"], name
+        if entry.rank is not None:
+            assert hasattr(named[name], "rank") and named[name].rank == entry.rank, name
     assert result.parameters_after < result.parameters_before
 
 

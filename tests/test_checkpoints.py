@@ -56,7 +56,7 @@ def test_a_missing_or_damaged_layer_file_is_recomputed_bit_for_bit(finished, dam
     result = compress(model, CONFIG, calibration=random_tokens(16, 48), checkpoint_dir=ckpt)
     assert torch.equal(_logits(model), reference)
     built = sum(isinstance(m, LowRankLinear) for m in model.modules())
-    assert built == len([e for e in result.modules.values() if e["rank"] is not None]) == 14
+    assert built == len([e for e in result.modules.values() if e.rank is not None]) == 14
     assert result.parameters_after == sum(p.numel() for p in model.parameters())
 
 

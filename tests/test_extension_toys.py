@@ -19,7 +19,14 @@ from lowrank.attention.codecs import register_codec
 from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.evaluation import memory_report
 from lowrank.loading.serialization import load_compressed, save_compressed
-from lowrank.methods import CompressionResult, MethodConfig, compress, register_method
+from lowrank.methods import (
+    CompressionResult,
+    MethodConfig,
+    ModuleKind,
+    ModuleRecord,
+    compress,
+    register_method,
+)
 from lowrank.nn import register_replacement
 from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.attention_layout import attention_info
@@ -103,7 +110,10 @@ def _int8_format():
             for target in config.targets:
                 built = Int8RowLinear.quantize(get_module(layer, target))
                 replace_module(layer, target, built)
-                modules[f"model.layers.{index}.{target}"] = {"kind": "Int8RowLinear", "rank": None}
+                name = f"model.layers.{index}.{target}"
+                modules[name] = ModuleRecord(
+                    kind=ModuleKind.QUANTIZED, shape=(built.out_features, built.in_features)
+                )
             return {}
 
         ctx.layer_pass(None, process, desc="toy-int8")

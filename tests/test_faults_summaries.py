@@ -22,7 +22,7 @@ def _from_modules(model, result) -> tuple[float, float]:
     """Both ratio conventions recomputed from the modules' actual shapes."""
     before = after = kept = full = 0
     for name, entry in result.modules.items():
-        m, n = entry["shape"]
+        m, n = entry.shape
         module = model.get_submodule(name)
         before += m * n
         full += min(m, n)

@@ -72,10 +72,12 @@ def test_attention_optimal_keys_beat_k_svd_on_the_calibration_objective():
             KVProjectionConfig(rank_fraction=0.25, kv_method=method),
             calibration=_calibration(),
         )
-        errors[method] = [e for m in result.modules.values() for e in m["logit_error_squared_relative"]]
+        errors[method] = [
+            e for m in result.modules.values() for e in m.metrics["logit_error_squared_relative"]
+        ]
     for kq, k_svd, eigen in zip(errors["kq"], errors["k-svd"], errors["eigen"], strict=True):
         assert kq <= k_svd + 1e-9 and kq <= eigen + 1e-9
-    gaps = [g for m in result.modules.values() for g in m["epsilon_gap_relative"]]
+    gaps = [g for m in result.modules.values() for g in m.metrics["epsilon_gap_relative"]]
     assert all(g >= -1e-9 for g in gaps)
 
 
@@ -132,7 +134,7 @@ def test_budget_allocation_keeps_the_total_and_lowers_the_calibration_error():
     assert sum(budget.details["value_ranks"]) == 16
 
     def total(result):
-        return sum(e for m in result.modules.values() for e in m["logit_error_squared_relative"])
+        return sum(e for m in result.modules.values() for e in m.metrics["logit_error_squared_relative"])
 
     assert total(budget) <= total(uniform) + 1e-9
     assert memory_report(budget_model).kv_cache_bytes_per_token == budget.kv_bytes_per_token_after

@@ -20,6 +20,8 @@ from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import (
     CompressionResult,
     MethodConfig,
+    ModuleKind,
+    ModuleRecord,
     SVDConfig,
     SVDLLMConfig,
     compress,
@@ -88,7 +90,10 @@ def toy_method(monkeypatch):
             return {}
 
         records = ctx.layer_pass(None, process, desc="toy")
-        modules = {f"model.layers.{r['layer']}.self_attn.o_proj": {"kind": "o"} for r in records}
+        modules = {
+            f"model.layers.{r['layer']}.self_attn.o_proj": ModuleRecord(kind=ModuleKind.OTHER, role="o")
+            for r in records
+        }
         return CompressionResult(method=config.method, config=config.to_dict(), modules=modules)
 
     return ToyConfig
@@ -183,7 +188,7 @@ def test_ranks_are_recorded_as_built_with_an_adaptive_decomposer():
     built = {n: m.rank for n, m in model.named_modules() if hasattr(m, "rank")}
     assert {n: k for n, k in result.ranks.items() if k is not None} == built
     assert any(
-        e["rank"] is not None and e["rank"] < e["planned_rank"] for e in result.modules.values()
+        e.rank is not None and e.rank < e.planned_rank for e in result.modules.values()
     )  # the tolerance cut deeper
     linear = sum(p.numel() for layer in model.model.layers for p in layer.parameters()) - sum(
         p.numel() for layer in model.model.layers for n, p in layer.named_parameters() if "norm" in n

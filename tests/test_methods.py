@@ -69,7 +69,7 @@ def test_keep_fraction_that_saves_nothing_keeps_matrices_dense():
     # 0.7 of 64 singular values on 64×64 needs 44·128 > 64² parameters: kept dense and listed
     assert "model.layers.0.self_attn.q_proj" in result.details["dense_kept"]
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
-    assert result.modules["model.layers.0.self_attn.q_proj"]["rank"] is None
+    assert result.modules["model.layers.0.self_attn.q_proj"].rank is None
     assert "model.layers.0.mlp.down_proj" not in result.details["dense_kept"]  # 160×64 still saves at rank 44
 
 
@@ -95,8 +95,8 @@ def test_v2_keeps_each_group_budget_and_lowers_predicted_loss():
     v2 = compress(make_tiny_model("gemma2"), v2_config, calibration=ids)
     assert v2.details["linear_parameters_after"] == v1.details["linear_parameters_after"]
     for kind in ("q", "k", "v", "o", "gate", "up", "down"):
-        ranks = [e["rank"] for e in v2.modules.values() if e["kind"] == kind]
-        homogeneous = [e["rank"] for e in v1.modules.values() if e["kind"] == kind]
+        ranks = [e.rank for e in v2.modules.values() if e.role == kind]
+        homogeneous = [e.rank for e in v1.modules.values() if e.role == kind]
         assert sum(ranks) == sum(homogeneous)
     groups = v2.details["allocation"]
     assert set(groups) == {"q", "k", "v", "o", "gate", "up", "down"}
@@ -201,7 +201,7 @@ def test_unmatched_targets_unsupported_modules_and_missing_calibration():
 def test_targets_and_ignore_select_modules():
     model = make_tiny_model("llama")
     result = compress(model, SVDConfig(ratio=0.2, targets=("re:.*mlp\\..*_proj",), ignore=("down_proj",)))
-    assert sorted({e["kind"] for e in result.modules.values()}) == ["gate", "up"]
+    assert sorted({e.role for e in result.modules.values()}) == ["gate", "up"]
     assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
 
 

@@ -32,7 +32,7 @@ def test_save_load_gives_identical_logits(tmp_path, arch, tied):
     assert tokenizer is None
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
     ranks = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
-    assert ranks == {n: e["rank"] for n, e in result.modules.items()}
+    assert ranks == {n: e.rank for n, e in result.modules.items()}
     assert sum(p.numel() for p in loaded.parameters()) == result.parameters_after
     if tied:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -85,7 +85,7 @@ def test_stacked_methods_save_and_load_bit_for_bit(tmp_path):
     mlp = SVDLLMConfig(ratio=0.3, targets=("re:.*mlp\\..*_proj",))
     compress(model, mlp, calibration=random_tokens(16, 48))
     attention = compress(model, SVDConfig(ratio=0.2))  # default targets skip the factorized MLP
-    assert {e["kind"] for e in attention.modules.values()} == {"q", "k", "v", "o"}
+    assert {e.role for e in attention.modules.values()} == {"q", "k", "v", "o"}
     assert applied_methods(model) == [mlp.to_dict(), SVDConfig(ratio=0.2).to_dict()]
     save_compressed(model, tmp_path / "stack")
     loaded, _ = load_compressed(tmp_path / "stack")

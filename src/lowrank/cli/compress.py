@@ -120,11 +120,14 @@ _DETAIL_LABELS = {
 
 def summary_table(result: Any) -> str:
     """Human-readable summary: the common core, the method's details (both ratio conventions), times."""
+    from lowrank.methods import config_class
+
     kv = (result.kv_bytes_per_token_before, result.kv_bytes_per_token_after)
+    labels = {**_DETAIL_LABELS, **config_class(result.method).detail_labels}
     rows = [
         ("method", result.method),
         *(
-            (_DETAIL_LABELS.get(k, k.replace("_", " ")), _label(v))
+            (labels.get(k, k.replace("_", " ")), _label(v))
             for k, v in result.details.items()
             if not isinstance(v, dict) or "name" in v
         ),

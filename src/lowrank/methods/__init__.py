@@ -22,6 +22,7 @@ from lowrank.methods.heal import HealConfig
 from lowrank.methods.kv_projection import KVProjectionConfig
 from lowrank.methods.mla import MLAConfig
 from lowrank.methods.quantize import QuantizeConfig
+from lowrank.methods.records import ModuleKind, ModuleRecord
 from lowrank.methods.svd import SVDConfig
 from lowrank.methods.svd_llm import SVDLLMConfig, collect_gram_statistics
 from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
@@ -29,6 +30,8 @@ from lowrank.methods.svd_llm_v2 import SVDLLMV2Config
 __all__ = [
     "compress",
     "CompressionResult",
+    "ModuleKind",
+    "ModuleRecord",
     "MethodConfig",
     "LowRankConfig",
     "WhitenedConfig",

@@ -27,6 +27,7 @@ from torch import nn
 
 from lowrank.calibration.pipeline import RunContext
 from lowrank.core.config import from_json_object
+from lowrank.methods.records import ModuleRecord
 from lowrank.nn.accounting import count_parameters, weight_bytes
 from lowrank.nn.history import applied_methods, applied_summaries, set_applied_methods
 
@@ -69,6 +70,8 @@ class MethodConfig:
     follows: ClassVar[tuple[str, ...] | None] = None
     """The methods this one may be applied after (None: any). A model that holds any other applied method
     is refused in one line before any work (e.g. an attention method after ``quantize``)."""
+    detail_labels: ClassVar[dict[str, str]] = {}
+    """How the report words the identifier keys of the result's ``details`` (default: the key itself)."""
     example: ClassVar[dict[str, Any]] = {}
     """Keyword arguments of a small valid config (the method × architecture test matrix uses it)."""
 
@@ -135,8 +138,9 @@ class CompressionResult:
     kv_bytes_per_token_before: float | None = None
     """KV-cache bytes per token of the model's cache (the installed cache class, else the default)."""
     kv_bytes_per_token_after: float | None = None
-    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per targeted module: kind, shape, rank as built (None if kept dense), loss, fallback."""
+    modules: dict[str, ModuleRecord] = field(default_factory=dict)
+    """Per targeted module, a typed record: kind, role, shape, rank as built (None if kept dense), loss,
+    fallback and the method's own metrics."""
     details: dict[str, Any] = field(default_factory=dict)
     """Method-specific figures (ratio conventions, allocation, …)."""
     fallbacks: int = 0
@@ -147,10 +151,12 @@ class CompressionResult:
 
     @property
     def ranks(self) -> dict[str, int | None]:
-        return {name: info.get("rank") for name, info in self.modules.items()}
+        return {name: record.rank for name, record in self.modules.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["modules"] = {name: record.to_dict() for name, record in self.modules.items()}
+        return out
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written by ``lowrank compress --json`` (no per-module table)."""

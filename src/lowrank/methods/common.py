@@ -21,6 +21,7 @@ from lowrank.linalg.allocation import (
 )
 from lowrank.linalg.whitening import truncate_projection, truncate_whitened, whiten
 from lowrank.methods.base import CompressionResult, MethodConfig
+from lowrank.methods.records import ModuleKind, ModuleRecord
 from lowrank.nn import LowRankLinear, describe_replacement
 from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.surgery import match_modules, replace_module
@@ -263,16 +264,26 @@ def lowrank_result(
     record restored from a checkpoint's ``progress.json`` may say anything.
     """
     by_index = {r.get("layer"): r for r in records}
-    modules: dict[str, dict[str, Any]] = {}
+    modules: dict[str, ModuleRecord] = {}
     for t in plan:
         info = dict(by_index.get(t.layer, {}).get("entries", {}).get(t.rel, {}))
-        info["rank"] = built_rank(model.get_submodule(t.name))
-        modules[t.name] = {"kind": t.kind, "shape": [t.out_features, t.in_features], **info}
-    shapes = [(t.out_features, t.in_features, modules[t.name]["rank"]) for t in plan]
+        rank = built_rank(model.get_submodule(t.name))
+        info.pop("rank", None)
+        modules[t.name] = ModuleRecord(
+            kind=ModuleKind.DENSE if rank is None else ModuleKind.LOW_RANK,
+            role=t.kind,
+            shape=(t.out_features, t.in_features),
+            rank=rank,
+            planned_rank=info.pop("planned_rank", None),
+            loss=info.pop("loss", None),
+            fallback=bool(info.pop("fallback", False)),
+            metrics=info,
+        )
+    shapes = [(t.out_features, t.in_features, modules[t.name].rank) for t in plan]
     before = sum(dense_parameters(m, n) for m, n, _ in shapes)
     after = sum(dense_parameters(m, n) if k is None else factored_parameters(m, n, k) for m, n, k in shapes)
     kept = sum(min(m, n) if k is None else k for m, n, k in shapes)
-    fallback_modules = [n for n, e in modules.items() if e.get("fallback")]
+    fallback_modules = [n for n, e in modules.items() if e.fallback]
     return CompressionResult(
         method=config.method,
         config=config.to_dict(),
@@ -285,7 +296,7 @@ def lowrank_result(
             "keep_singular_fraction": round(kept / sum(min(m, n) for m, n, _ in shapes), 6),
             "linear_parameters_before": before,
             "linear_parameters_after": after,
-            "dense_kept": [n for n, e in modules.items() if e["rank"] is None],
+            "dense_kept": [n for n, e in modules.items() if e.rank is None],
             **details,
         },
         fallbacks=len(fallback_modules),

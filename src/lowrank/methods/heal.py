@@ -32,6 +32,7 @@ from torch import nn
 
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
+from lowrank.methods.records import ModuleKind, ModuleRecord
 from lowrank.nn.registry import describe_replacement
 from lowrank.training.healing import PRECISIONS, SOURCES, heal, split_tokens
 from lowrank.training.trainable import TRAINABLE, trainable_parameters
@@ -199,7 +200,9 @@ def compress_heal(model: nn.Module, config: HealConfig, ctx: RunContext) -> Comp
     ctx.tokens = details["tokens_trained"]
     trained = {id(p) for p in trainable_parameters(model, config.trainable).values()}
     modules = {
-        name: {"kind": type(m).__name__, "rank": getattr(m, "rank", None)}
+        name: ModuleRecord(
+            kind=ModuleKind.TRAINED, rank=getattr(m, "rank", None), metrics={"module": type(m).__name__}
+        )
         for name, m in model.named_modules()
         if describe_replacement(m) is not None and any(id(p) in trained for p in m.parameters())
     }

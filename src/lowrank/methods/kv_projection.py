@@ -37,6 +37,7 @@ from lowrank.calibration.attention_stats import attention_request
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
+from lowrank.methods.records import ModuleKind, ModuleRecord
 from lowrank.nn import LowRankLinear, dense_weight
 from lowrank.nn.architectures import decoder_layers, get_arch_spec
 from lowrank.nn.attention_layout import attention_info
@@ -78,6 +79,10 @@ class KVProjectionConfig(MethodConfig):
     follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
     example: ClassVar[dict[str, Any]] = {"rank_fraction": 0.5}
+    detail_labels: ClassVar[dict[str, str]] = {
+        "kv_fraction": "kv fraction (cached K+V dimensions KEPT in the projected layers)",
+        "mean_logit_error_squared_relative": "mean squared relative logit error (calibration)",
+    }
 
     kv_method: str = field(default="kq", metadata={"choices": KEY_METHODS})
     """Key projection: ``k-svd``, ``eigen``, ``kq`` (attention-optimal, every head kept) or ``kq-sum``
@@ -244,6 +249,18 @@ def _project_layer(
     return record
 
 
+def _record(entry: dict[str, Any]) -> ModuleRecord:
+    """A projected attention layer's record: the key rank, the mean relative logit error as its loss."""
+    metrics = dict(entry)
+    errors = metrics["logit_error_squared_relative"]
+    return ModuleRecord(
+        kind=ModuleKind.ATTENTION,
+        rank=metrics.pop("key_rank"),
+        loss=sum(errors) / len(errors),
+        metrics=metrics,
+    )
+
+
 @register_method(KVProjectionConfig)
 def compress_kv_projection(
     model: nn.Module, config: KVProjectionConfig, ctx: RunContext
@@ -281,10 +298,8 @@ def compress_kv_projection(
         desc="kv-projection",
     )
     install_cache(model, ProjectedKVCache, {})
-    modules = {
-        f"{spec.layers}.{r['layer']}.{spec.attention}": {"kind": "attention", **r["entry"]} for r in records
-    }
-    errors = [e for m in modules.values() for e in m["logit_error_squared_relative"]]
+    modules = {f"{spec.layers}.{r['layer']}.{spec.attention}": _record(r["entry"]) for r in records}
+    errors = [e for m in modules.values() for e in m.metrics["logit_error_squared_relative"]]
     d = info.shape.head_dim
     kept = sum(k + (v or d) for k, v in ranks) / (2 * d * len(ranks))
     return CompressionResult(
@@ -295,8 +310,8 @@ def compress_kv_projection(
             "key_ranks": [k for k, _ in ranks],
             "value_ranks": [v for _, v in ranks],
             "head_dim": d,
-            "kv_fraction (cached K+V dimensions KEPT in the projected layers)": round(kept, 6),
-            "mean squared relative logit error (calibration)": sum(errors) / len(errors),
+            "kv_fraction": round(kept, 6),
+            "mean_logit_error_squared_relative": sum(errors) / len(errors),
             "cache_class": "ProjectedKVCache",
         },
     )

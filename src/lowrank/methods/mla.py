@@ -41,6 +41,7 @@ from lowrank.calibration.statistics import InputGram, StatRequest
 from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
+from lowrank.methods.records import ModuleKind, ModuleRecord
 from lowrank.nn import dense_weight
 from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.attention_layout import attention_info
@@ -63,6 +64,11 @@ class MLAConfig(MethodConfig):
     calibrated: ClassVar[bool] = True
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_rank", "kv_fraction"),)
     example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_rank": 8}
+    detail_labels: ClassVar[dict[str, str]] = {
+        "rope_dim": "rope_dim (rotary features kept per KV head)",
+        "kv_rank": "kv_rank (latent numbers per KV head)",
+        "kv_fraction": "kv fraction (KV-cache numbers KEPT)",
+    }
 
     rope_dim: int = 8
     """Rotary features kept per KV head (even: whole frequency pairs), in [0, head_dim]."""
@@ -263,6 +269,19 @@ def _convert_layer(layer: nn.Module, stats: dict, config: MLAConfig, shape, path
     }
 
 
+def _record(entry: dict[str, Any]) -> ModuleRecord:
+    """A converted attention layer's record: the key latent rank, the mean relative loss as its loss."""
+    metrics = dict(entry)
+    losses = metrics["relative_loss"]
+    return ModuleRecord(
+        kind=ModuleKind.ATTENTION,
+        rank=metrics.pop("key_rank"),
+        loss=sum(losses) / len(losses),
+        fallback=metrics.pop("whitening_fallback"),
+        metrics=metrics,
+    )
+
+
 @register_method(MLAConfig)
 def compress_mla(model: nn.Module, config: MLAConfig, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='mla'``: per-layer partial RoPE + latent K/V, one calibrated pass if needed."""
@@ -293,23 +312,19 @@ def compress_mla(model: nn.Module, config: MLAConfig, ctx: RunContext) -> Compre
         desc="mla",
     )
     install_cache(model, ProjectedKVCache, {})
-    modules = {
-        f"{spec.layers}.{r['layer']}.{spec.attention}": {"kind": "attention", **r["entry"]} for r in records
-    }
-    fallbacks = [n for n, m in modules.items() if m["whitening_fallback"]]
+    modules = {f"{spec.layers}.{r['layer']}.{spec.attention}": _record(r["entry"]) for r in records}
+    fallbacks = [n for n, m in modules.items() if m.fallback]
     cached = shape.num_kv_heads * (2 * p + (r_k if config.latent == "joint" else r_k + r_v))
-    losses = [x for m in modules.values() for x in m["relative_loss"]]
+    losses = [x for m in modules.values() for x in m.metrics["relative_loss"]]
     return CompressionResult(
         method=config.method,
         config=config.to_dict(),
         modules=modules,
         details={
             "decomposer": config.decomposer.to_dict(),
-            "rope_dim (rotary features kept per KV head)": 2 * p,
-            "kv_rank (latent numbers per KV head)": r_k if config.latent == "joint" else r_k + r_v,
-            "kv_fraction (KV-cache numbers KEPT)": round(
-                cached / (2 * shape.num_kv_heads * shape.head_dim), 6
-            ),
+            "rope_dim": 2 * p,
+            "kv_rank": r_k if config.latent == "joint" else r_k + r_v,
+            "kv_fraction": round(cached / (2 * shape.num_kv_heads * shape.head_dim), 6),
             "mean_relative_loss": sum(losses) / len(losses),
             "cache_class": "ProjectedKVCache",
         },

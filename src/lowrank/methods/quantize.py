@@ -21,6 +21,7 @@ from lowrank.calibration.pipeline import RunContext
 from lowrank.core.dtypes import resolve_dtype
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.methods.common import _patterns
+from lowrank.methods.records import ModuleKind, ModuleRecord
 from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.quantization import BACKENDS, get_backend
 from lowrank.nn.quantized_linear import QuantizedLinear
@@ -106,18 +107,24 @@ def compress_quantize(model: nn.Module, config: QuantizeConfig, ctx: RunContext)
                 )
             replace_module(layer, name[len(prefix) :].split(".", 1)[1], built)
             entries[name] = {
-                "kind": "QuantizedLinear",
                 "shape": [built.out_features, built.in_features],
-                "rank": None,
                 "bits": config.bits,
                 "stored_bytes": built.stored_bytes(),
             }
         return {"entries": entries}
 
     records = ctx.layer_pass(None, process, desc="quantize")
-    modules = {name: info for record in records for name, info in record["entries"].items()}
-    weights = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
-    stored = sum(m["stored_bytes"] for m in modules.values())
+    modules = {
+        name: ModuleRecord(
+            kind=ModuleKind.QUANTIZED,
+            shape=info["shape"],
+            metrics={"bits": info["bits"], "stored_bytes": info["stored_bytes"]},
+        )
+        for record in records
+        for name, info in record["entries"].items()
+    }
+    weights = sum(m.shape[0] * m.shape[1] for m in modules.values())
+    stored = sum(m.metrics["stored_bytes"] for m in modules.values())
     return CompressionResult(
         method=config.method,
         config=config.to_dict(),
