@@ -15,6 +15,8 @@ from conftest import make_tiny_model, random_tokens
 
 import lowrank.training.healing as heal_module
 from lowrank.attention.cache import kv_bytes_per_token
+from lowrank.attention.low_rank_kv import CODEC_LEARNING_RATE
+from lowrank.attention.wrapper import ATTENTION_LEARNING_RATE
 from lowrank.cli import main
 from lowrank.loading.serialization import load_compressed, read_manifest, save_compressed
 from lowrank.methods import (
@@ -27,8 +29,6 @@ from lowrank.methods import (
     count_parameters,
 )
 from lowrank.training.healing import (
-    ATTENTION_LEARNING_RATE,
-    CODEC_LEARNING_RATE,
     LEARNING_RATE,
     autocast_dtype,
     default_learning_rate,
