@@ -388,7 +388,7 @@ def test_cli_heals_a_saved_model(tmp_path, capsys, monkeypatch):
     loaded, _ = load_compressed(tmp_path / "healed")
     assert [m["method"] for m in applied_methods(loaded)] == ["svd-llm", "heal"]
     assert main(["heal", *common, "--tokens", "0"]) == 2
-    assert "tokens must be a positive integer; got 0" in capsys.readouterr().err
+    assert "field 'tokens' must be a positive integer; got 0" in capsys.readouterr().err
     # the teacher writes its own text: a corpus far too short for the budget is never read
     (tmp_path / "short.txt").write_text(tiny_text(20), encoding="utf-8")
     short = [*common[:4], "--data", str(tmp_path / "short.txt"), *common[6:]]
@@ -396,4 +396,4 @@ def test_cli_heals_a_saved_model(tmp_path, capsys, monkeypatch):
     assert main(["heal", *short, *flags, "--out", str(tmp_path / "corpus")]) == 2
     assert "text has 20 tokens but 20 samples x 32 tokens need 640" in capsys.readouterr().err
     assert main(["heal", *common, "--learning-rate", "-1"]) == 2
-    assert "learning_rate must be in (0, 1]; got -1.0" in capsys.readouterr().err
+    assert "field 'learning_rate' must be in (0, 1]; got -1.0" in capsys.readouterr().err

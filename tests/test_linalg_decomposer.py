@@ -38,7 +38,7 @@ def test_get_decomposer_overrides():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"name": "lanczos"}, "'lanczos'.*svd"),
+        ({"name": "lanczos"}, "'name' must be one of .*'svd'.*; got 'lanczos'"),
         ({"oversample": -1}, "oversample.*-1"),
         ({"power_iters": -2}, "power_iters.*-2"),
         ({"power_iters": 1.5}, "power_iters.*1.5"),

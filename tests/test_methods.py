@@ -171,7 +171,7 @@ def test_resume_through_compress_equals_uninterrupted(tmp_path, monkeypatch):
         ({"ratio": 1.2}, "1.2"),
         ({"ratio": -0.1}, "-0.1"),
         ({}, "exactly one"),
-        ({"ratio": 0.2, "keep_singular_fraction": 0.5}, "exactly one"),
+        ({"ratio": 0.2, "keep_singular_fraction": 0.5}, "exclusive"),
         ({"keep_singular_fraction": 0.0}, "0.0"),
         ({"ratio": 0.2, "truncation": "qr"}, "'qr'"),
         ({"ratio": 0.2, "calibration": {"samples": 0}}, "samples"),

@@ -93,9 +93,9 @@ def test_whitened_basis_minimises_the_error_of_the_produced_outputs():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rope_dim": 3}, "rope_dim must be even"),
-        ({"rope_dim": -2}, "rope_dim must be an even integer >= 0; got -2"),
-        ({"kv_rank": 0}, "kv_rank must be a positive integer; got 0"),
+        ({"rope_dim": 3}, "'rope_dim' must be even"),
+        ({"rope_dim": -2}, "field 'rope_dim' must be an integer >= 0; got -2"),
+        ({"kv_rank": 0}, "field 'kv_rank' must be a positive integer; got 0"),
         ({"kv_fraction": 1.5}, "kv_fraction"),
         ({"kv_rank": 8, "kv_fraction": 0.5}, "not both"),
         ({"rope_selection": "random"}, "'random'"),

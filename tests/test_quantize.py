@@ -146,9 +146,9 @@ def test_quantize_after_a_kv_method_keeps_the_cache_and_reloads(tmp_path):
     ("kwargs", "message"),
     [
         ({"bits": 5}, "bits=5 is not supported by the hqq backend; choose one of 1, 2, 3, 4, 8"),
-        ({"bits": 0}, "bits must be a positive integer"),
+        ({"bits": 0}, "field 'bits' must be a positive integer"),
         ({"group_size": 12}, "group_size must be a positive multiple of 8 for hqq; got 12"),
-        ({"backend": "nope"}, "unknown quantization backend 'nope'"),
+        ({"backend": "nope"}, "field 'backend' must be one of ('hqq',); got 'nope'"),
         ({"scale_dtype": "int8"}, "int8"),
     ],
 )

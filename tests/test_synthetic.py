@@ -146,5 +146,5 @@ def test_healing_on_the_teachers_own_text(tmp_path, monkeypatch, caplog):
     assert torch.equal(
         ids, teacher_sequences(teacher, 32, SEQ_LEN, directory=tmp_path / "again", progress=False)
     )
-    with pytest.raises(ValueError, match="source must be one of \\('corpus', 'teacher'\\); got 'web'"):
+    with pytest.raises(ValueError, match="'source' must be one of \\('corpus', 'teacher'\\); got 'web'"):
         HealConfig(teacher="self", source="web")

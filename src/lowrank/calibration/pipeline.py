@@ -13,12 +13,11 @@ on the unchanged model and reused across configurations. Methods never see datal
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from torch import nn
 from lowrank.calibration.capture import check_calibration_size
 from lowrank.calibration.layerwise import collect_statistics, process_statistics, run_layerwise
 from lowrank.calibration.statistics import Statistic, StatRequest, Timings
-from lowrank.core.config import from_json_object
+from lowrank.core.config import Config
 from lowrank.core.dtypes import resolve_dtype
 
 __all__ = [
@@ -45,19 +44,21 @@ STAT_DTYPES = ("float64", "float32")
 
 
 @dataclass(kw_only=True)
-class CalibrationConfig:
+class CalibrationConfig(Config):
     """Where calibration activations come from and how they are accumulated (any calibrated method)."""
+
+    label: ClassVar[str] = "calibration"
 
     data: str = "wiki"
     """Corpus the calibration tokens are drawn from (split ``calibration``): a built-in name, a ``.txt``
     file or a ``datasets`` name."""
-    samples: int = 64
+    samples: int = field(default=64, metadata={"range": "[1, inf)"})
     """Calibration sequences (GPU runs: 256 like the SVD-LLM anchors)."""
-    seq_len: int = 512
+    seq_len: int = field(default=512, metadata={"range": "[1, inf)"})
     """Tokens per calibration sequence (GPU runs: 2048)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
     """Seed of the draw of calibration sequences from the corpus."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"range": "[1, inf)"})
     """Sequences per forward chunk while calibrating."""
     sequential: bool = True
     """Feed each layer the outputs of the already compressed layers (SVD-LLM); false: the original
@@ -67,27 +68,9 @@ class CalibrationConfig:
     offload_device: str = "cpu"
     """Where activations wait between layers."""
 
-    def __post_init__(self) -> None:
-        for name in ("samples", "seq_len", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"calibration {name} must be a positive integer; got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"calibration seed must be an integer >= 0; got {self.seed!r}")
-        if self.stat_dtype not in STAT_DTYPES:
-            raise ValueError(f"stat_dtype must be one of {STAT_DTYPES}; got {self.stat_dtype!r}")
-
     @property
     def dtype(self) -> torch.dtype:
         return resolve_dtype(self.stat_dtype, STAT_DTYPES)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a one-line ``ValueError``."""
-        return from_json_object(cls, data, "calibration")
 
 
 def calibration_tokens(config: CalibrationConfig, tokenizer: Any) -> torch.Tensor:

@@ -5,7 +5,8 @@ its help is the docstring under the field, its type and choices come from the an
 ``metadata["choices"]``. A field holding a nested config (``calibration``, ``decomposer``) contributes the
 nested fields with the prefix in its ``metadata["prefix"]`` (``--calib-samples``) and per-field renames in
 ``metadata["flags"]``. Flags of several methods are merged by name; choosing a flag that the selected
-method does not have is a one-line error. Validation stays in the configs' ``__post_init__``.
+method does not have is a one-line error. Validation stays with the configs (``lowrank.core.config``:
+declared types, choices, ranges and exclusive groups), so a flag and a ``--config`` file are checked alike.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def method_flags(
         name = renames.get(f.name, prefix + f.name.replace("_", "-"))
         kind = (list, kind) if many else kind
         choices = f.metadata.get("choices")
+        choices = tuple(choices() if callable(choices) else choices) if choices is not None else None
         out.append(FlagSpec("--" + name, (*path, f.name), kind, choices, docs.get(f.name, ""), _default(f)))
     return out
 

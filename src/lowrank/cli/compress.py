@@ -81,13 +81,26 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None, d
         data = read_config_file(args.config)
     method = args.method or data.get("method") or default
     if data.get("method") not in (None, method):  # --method overrides the file's: keep the shared fields
-        import dataclasses
-
-        from lowrank.methods import config_class
-
-        known = {f.name for f in dataclasses.fields(config_class(method))}
-        data = {k: v for k, v in data.items() if k in known}
+        data = _shared_fields(data, method)
     return config_from_args(args, args.flag_specs, method, {k: v for k, v in data.items() if k != "method"})
+
+
+def _shared_fields(data: dict[str, Any], method: str) -> dict[str, Any]:
+    """The fields of ``data`` (a config of another method) that ``method``'s config has, in the current
+    version of the dict form (the file's own version is read by its own method's migrations)."""
+    import dataclasses
+
+    from lowrank.core.config import upgrade
+    from lowrank.methods import config_class, method_names
+
+    target = config_class(method)
+    fields = {k: v for k, v in data.items() if k != "method"}
+    if data.get("method") in method_names():
+        fields = upgrade(config_class(data["method"]), fields)
+    else:
+        fields.pop("version", None)
+    known = {f.name for f in dataclasses.fields(target)}
+    return {**{k: v for k, v in fields.items() if k in known}, "version": target.version}
 
 
 def _label(value: Any) -> Any:

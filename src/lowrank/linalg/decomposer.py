@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from lowrank.core.config import from_json_object
+from lowrank.core.config import Config
 from lowrank.linalg._checks import check_matrix, check_rank
 from lowrank.linalg.adaptive import rank_by_tolerance
 from lowrank.linalg.exact import EXACT_METHODS, truncated_svd
@@ -48,67 +48,38 @@ def available_decomposers() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def _int_field(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
 @dataclass(kw_only=True)
-class DecomposerConfig:
+class DecomposerConfig(Config):
     """How to compute a truncated SVD."""
 
-    name: str = "rsvd"
+    label: ClassVar[str] = "decomposer"
+
+    name: str = field(default="rsvd", metadata={"choices": available_decomposers})
     """``svd`` (exact), ``rsvd`` (randomized, HMT), ``krylov`` (randomized block Krylov), ``auto`` (exact
     above ``auto_rank_fraction`` of full rank, randomized below) or ``adaptive`` (randomized, rank chosen by
     ``tol``; see ``available_decomposers()``)."""
-    oversample: int = 10
+    oversample: int = field(default=10, metadata={"range": "[0, inf)"})
     """Extra sketch columns p (randomized decomposers); clamped so that rank + p <= min(m, n)."""
-    power_iters: int = 2
+    power_iters: int = field(default=2, metadata={"range": "[0, inf)"})
     """Normalised power iterations q (``rsvd``, ``auto``, ``adaptive``)."""
-    krylov_depth: int = 7
+    krylov_depth: int = field(default=7, metadata={"range": "[0, inf)"})
     """``krylov`` only: number of Krylov steps (the space has ``(depth + 1)·block_size`` columns)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
     """Seed of the per-call ``torch.Generator`` on the input's device."""
-    auto_rank_fraction: float | None = None
+    auto_rank_fraction: float | None = field(default=None, metadata={"range": "[0, 1]"})
     """``auto`` uses the exact route when rank / min(m, n) is above this fraction; None uses the crossover
     measured for the input's device type (``AUTO_RANK_FRACTION``: 0.75 on CUDA, 0.5 on CPU)."""
-    exact_method: str = "auto"
+    exact_method: str = field(default="auto", metadata={"choices": EXACT_METHODS})
     """Exact route: ``auto`` (float64 Gram + eigh when accurate, else LAPACK/cuSOLVER SVD), ``gram``,
     ``svd``."""
-    orth: str = "auto"
+    orth: str = field(default="auto", metadata={"choices": ORTH_METHODS})
     """Randomized decomposers: orthonormalisation, ``auto`` (float64 Cholesky-QR on accelerators, Householder
     QR on CPU: the faster one measured on each), ``cholesky`` or ``householder``."""
-    tol: float = 1e-2
+    tol: float = field(default=1e-2, metadata={"range": "(0, 1)"})
     """``adaptive`` only: relative Frobenius error ‖A − A_r‖/‖A‖ to reach; ``rank`` is then a maximum."""
-    block_size: int = 0
+    block_size: int = field(default=0, metadata={"range": "[0, inf)"})
     """``krylov``/``adaptive``: columns per block; 0 picks the default (``krylov``: (rank + oversample)/3,
     ``adaptive``: max(8, rank/16))."""
-
-    def __post_init__(self) -> None:
-        if self.name not in _REGISTRY:
-            raise ValueError(f"unknown decomposer {self.name!r}; valid: {', '.join(available_decomposers())}")
-        _int_field("oversample", self.oversample, 0)
-        _int_field("power_iters", self.power_iters, 0)
-        _int_field("krylov_depth", self.krylov_depth, 0)
-        _int_field("seed", self.seed, 0)
-        _int_field("block_size", self.block_size, 0)
-        if self.auto_rank_fraction is not None and not 0.0 <= float(self.auto_rank_fraction) <= 1.0:
-            raise ValueError(f"auto_rank_fraction must be in [0, 1]; got {self.auto_rank_fraction!r}")
-        if self.exact_method not in EXACT_METHODS:
-            raise ValueError(f"exact_method must be one of {EXACT_METHODS}; got {self.exact_method!r}")
-        if self.orth not in ORTH_METHODS:
-            raise ValueError(f"orth must be one of {ORTH_METHODS}; got {self.orth!r}")
-        if not 0.0 < float(self.tol) < 1.0:
-            raise ValueError(f"tol must be in (0, 1); got {self.tol!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict; ``DecomposerConfig.from_dict(c.to_dict()) == c``."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DecomposerConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        return from_json_object(cls, d, "decomposer")
 
 
 class Decomposer:

@@ -14,10 +14,8 @@ which ``save_compressed`` records and ``load_model`` restores.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from lowrank.calibration.pipeline import RunContext
-from lowrank.core.config import from_json_object
+from lowrank.core.config import Config
 from lowrank.methods.records import ModuleRecord
 from lowrank.nn.accounting import count_parameters, weight_bytes
 from lowrank.nn.history import applied_methods, applied_summaries, set_applied_methods
@@ -55,16 +53,16 @@ C = TypeVar("C", bound="type[MethodConfig]")
 
 
 @dataclass(kw_only=True)
-class MethodConfig:
+class MethodConfig(Config):
     """Base class of method configs. Subclasses set ``method`` (the registry name) as a ClassVar.
 
-    A field whose type is a config dataclass (``CalibrationConfig``, ``DecomposerConfig``) is nested: its
-    dict form is converted on construction, so ``from_dict`` and the CLI need no per-method code.
+    Field checks (types, ``choices``, ``range``, ``exclusive`` groups) and the versioned dict form come
+    from :class:`lowrank.core.config.Config`. A field whose type is a config dataclass
+    (``CalibrationConfig``, ``DecomposerConfig``) is nested: its dict form is converted on construction,
+    so ``from_dict`` and the CLI need no per-method code.
     """
 
     method: ClassVar[str] = ""
-    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()
-    """Groups of fields of which a user gives one (setting one clears the others of the group)."""
     calibrated: ClassVar[bool] = False
     """The method needs calibration data (its config has a ``calibration`` field)."""
     follows: ClassVar[tuple[str, ...] | None] = None
@@ -75,11 +73,9 @@ class MethodConfig:
     example: ClassVar[dict[str, Any]] = {}
     """Keyword arguments of a small valid config (the method × architecture test matrix uses it)."""
 
-    def __post_init__(self) -> None:
-        for f, kind in nested_fields(type(self)).items():
-            value = getattr(self, f)
-            if isinstance(value, dict):
-                setattr(self, f, kind.from_dict(value))
+    @classmethod
+    def config_label(cls) -> str:
+        return cls.method or cls.__name__
 
     @classmethod
     def unsupported(cls, model: nn.Module) -> str | None:
@@ -87,38 +83,20 @@ class MethodConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict with a ``"method"`` key; nested configs serialise through their ``to_dict``."""
-        out: dict[str, Any] = {"method": self.method}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if hasattr(value, "to_dict"):
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
+        """JSON-able dict with ``"method"`` and ``"version"`` keys; nested configs carry their own version."""
+        return {"method": self.method, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
-        """Inverse of :meth:`to_dict` (unknown keys raise a one-line ``ValueError``)."""
+        """Inverse of :meth:`to_dict` for any version this code reads (unknown keys raise a one-line
+        ``ValueError``)."""
         if not isinstance(data, dict):
             raise ValueError(f"a method config must be a JSON object; got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:
             raise ValueError(f"config is for method {method!r}, not {cls.method!r}")
-        return from_json_object(cls, data, cls.method)
-
-
-def nested_fields(cls: type) -> dict[str, type]:
-    """``{field name: config class}`` of the fields of ``cls`` that hold a nested config dataclass."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        for candidate in (hints.get(f.name), *typing.get_args(hints.get(f.name))):
-            if inspect.isclass(candidate) and dataclasses.is_dataclass(candidate):
-                out[f.name] = candidate
-    return out
+        return super().from_dict(data)
 
 
 @dataclass(kw_only=True)

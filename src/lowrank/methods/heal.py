@@ -42,10 +42,6 @@ __all__ = ["HealConfig"]
 _DEFAULT_SAMPLES = CalibrationConfig().samples
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 logger = logging.getLogger(__name__)
 
 
@@ -65,14 +61,14 @@ class HealConfig(MethodConfig):
     teacher: str | None = None
     """Model whose logits the compressed model learns (built-in name, directory or hub id; the model it was
     compressed from), or ``self``: a frozen copy of the model as it was before this step."""
-    tokens: int = 200_000
+    tokens: int = field(default=200_000, metadata={"range": "[1, inf)"})
     """Training tokens: ceil(tokens / seq_len) calibration sequences, each seen once. 200k is the smallest
     budget measured that wins back half the lost wiki log-perplexity (benchmarks/results/heal_cpu.md)."""
-    learning_rate: float | None = None
+    learning_rate: float | None = field(default=None, metadata={"range": "(0, 1]"})
     """Peak AdamW learning rate (linear warmup over 5 % of the steps, cosine decay to 10 % of it); unset:
     1e-5 when only ``kv-projection`` codecs train, 3e-4 when converted attention trains whole, 1e-4
     otherwise (``lowrank.training.trainable.default_learning_rate``, chosen by measurement)."""
-    batch_size: int = 4
+    batch_size: int = field(default=4, metadata={"range": "[1, inf)"})
     """Sequences per optimizer step."""
     source: str = field(default="corpus", metadata={"choices": SOURCES})
     """Training text: ``corpus``, the calibration split of ``calibration.data``; ``teacher``, sequences the
@@ -89,24 +85,24 @@ class HealConfig(MethodConfig):
     """Compute of the forward and backward passes: ``bfloat16`` autocast or ``float32``; ``auto``: bfloat16
     where the device multiplies it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else float32.
     Parameters and optimizer state keep the model's dtype either way."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata={"range": "(0, inf)"})
     """Distillation temperature T (the KL term is scaled by T²)."""
-    kd_weight: float = 0.9
+    kd_weight: float = field(default=0.9, metadata={"range": "[0, 1]"})
     """Weight w of the distillation term, in [0, 1]; 1 − w goes to next-token cross-entropy."""
-    hidden_weight: float = 0.0
+    hidden_weight: float = field(default=0.0, metadata={"range": "[0, inf)"})
     """Weight λ ≥ 0 of a hidden-state term added to the objective: the residual stream after every decoder
     layer learns the teacher's (relative squared error per token,
     ``lowrank.training.losses.hidden_state_loss``);
     0 (off): logits only."""
-    heldout_sequences: int = 8
+    heldout_sequences: int = field(default=8, metadata={"range": "[1, inf)"})
     """Calibration sequences kept out of training to measure the held-out loss."""
-    eval_every: int = 10
+    eval_every: int = field(default=10, metadata={"range": "[1, inf)"})
     """Optimizer steps between held-out evaluations."""
-    patience: int = 3
+    patience: int = field(default=3, metadata={"range": "[1, inf)"})
     """Held-out evaluations without improvement before training stops early."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
     """Seed of the order in which training sequences are visited."""
-    checkpoint_minutes: float = 5.0
+    checkpoint_minutes: float = field(default=5.0, metadata={"range": "[0, inf)"})
     """Minutes between checkpoints when a checkpoint directory is given (0: after every step)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
     """Training text (split ``calibration``; ``samples`` is derived from ``tokens`` and
@@ -119,30 +115,6 @@ class HealConfig(MethodConfig):
                 "heal needs a teacher: the model the student was compressed from (e.g. --teacher "
                 f"smollm2-135m) or 'self'; got {self.teacher!r}"
             )
-        for name in ("tokens", "batch_size", "heldout_sequences", "eval_every", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}")
-        if self.learning_rate is not None and (
-            not _number(self.learning_rate) or not 0.0 < self.learning_rate <= 1.0
-        ):
-            raise ValueError(f"learning_rate must be in (0, 1]; got {self.learning_rate!r}")
-        if not _number(self.temperature) or not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
-        if not _number(self.kd_weight) or not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must be in [0, 1]; got {self.kd_weight!r}")
-        if not _number(self.hidden_weight) or self.hidden_weight < 0:
-            raise ValueError(f"hidden_weight must be a number >= 0; got {self.hidden_weight!r}")
-        if not _number(self.checkpoint_minutes) or not self.checkpoint_minutes >= 0:
-            raise ValueError(f"checkpoint_minutes must be >= 0; got {self.checkpoint_minutes!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}; got {self.source!r}")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}; got {self.trainable!r}")
         samples = self.training_sequences(self.calibration.seq_len) + self.heldout_sequences
         if self.calibration.samples not in (samples, _DEFAULT_SAMPLES):
             raise ValueError(

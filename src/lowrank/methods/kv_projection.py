@@ -89,7 +89,7 @@ class KVProjectionConfig(MethodConfig):
     (attention-optimal for the sum over the KV group's heads, the seed's GQA form)."""
     value_method: str = field(default="wo-aware", metadata={"choices": VALUE_METHODS})
     """Value projection: ``v-svd`` or ``wo-aware`` (through the output projection)."""
-    rank_fraction: float = 0.5
+    rank_fraction: float = field(default=0.5, metadata={"range": "(0, 1]"})
     """R/d: cached dimensions per KV head kept, for keys and values, in (0, 1]."""
     keys_only: bool = False
     """Project the keys only; values stay at full width."""
@@ -102,22 +102,6 @@ class KVProjectionConfig(MethodConfig):
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig, metadata={"prefix": "calib-"})
     """Calibration data and accumulation settings (see
     :class:`lowrank.calibration.pipeline.CalibrationConfig`)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name, valid in (
-            ("kv_method", KEY_METHODS),
-            ("value_method", VALUE_METHODS),
-            ("rope", ROPE_MODES),
-        ):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}")
-        if isinstance(self.rank_fraction, bool) or not 0.0 < float(self.rank_fraction) <= 1.0:
-            raise ValueError(
-                f"rank_fraction (R/d, cached dimensions kept) must be in (0, 1]; got {self.rank_fraction}"
-            )
-        if not isinstance(self.calibration, CalibrationConfig):
-            raise ValueError(f"calibration must be a CalibrationConfig or its dict; got {self.calibration!r}")
 
     @classmethod
     def unsupported(cls, model: nn.Module) -> str | None:

@@ -38,7 +38,7 @@ from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.calibration.attention_stats import attention_request
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.calibration.statistics import InputGram, StatRequest
-from lowrank.linalg import DecomposerConfig, available_decomposers, get_decomposer
+from lowrank.linalg import DecomposerConfig, get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
 from lowrank.methods.records import ModuleKind, ModuleRecord
@@ -70,14 +70,14 @@ class MLAConfig(MethodConfig):
         "kv_fraction": "kv fraction (KV-cache numbers KEPT)",
     }
 
-    rope_dim: int = 8
+    rope_dim: int = field(default=8, metadata={"range": "[0, inf)"})
     """Rotary features kept per KV head (even: whole frequency pairs), in [0, head_dim]."""
     rope_selection: str = field(default="2-norm", metadata={"choices": ROPE_SELECTIONS})
     """Which frequency pairs stay rotary: ``high``, ``low``, ``uniform`` or ``2-norm`` (calibration norms)."""
-    kv_rank: int | None = None
+    kv_rank: int | None = field(default=None, metadata={"range": "[1, inf)"})
     """Latent numbers cached per token and KV head (MHA2MLA's d_kv; ``split`` divides it between K and V).
     Give this or ``kv_fraction``; default 32 when neither is given."""
-    kv_fraction: float | None = None
+    kv_fraction: float | None = field(default=None, metadata={"range": "(0, 1]"})
     """Fraction of the KV cache kept, (rope_dim + kv_rank) / (2 · head_dim), in (0, 1]."""
     latent: str = field(default="joint", metadata={"choices": LATENTS})
     """``joint``: one latent shared by keys and values; ``split``: separate key and value latents."""
@@ -97,29 +97,12 @@ class MLAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.decomposer, str):
-            if self.decomposer not in available_decomposers():
-                raise ValueError(
-                    f"unknown decomposer {self.decomposer!r}; valid: {', '.join(available_decomposers())}"
-                )
-            self.decomposer = DecomposerConfig(name=self.decomposer)
-        for name, valid in (("rope_selection", ROPE_SELECTIONS), ("latent", LATENTS)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}")
-        if isinstance(self.rope_dim, bool) or not isinstance(self.rope_dim, int) or self.rope_dim < 0:
-            raise ValueError(f"rope_dim must be an even integer >= 0; got {self.rope_dim!r}")
         if self.rope_dim % 2:
-            raise ValueError(f"rope_dim must be even (whole frequency pairs); got {self.rope_dim}")
-        if self.kv_rank is not None and self.kv_fraction is not None:
             raise ValueError(
-                f"give kv_rank or kv_fraction, not both; got {self.kv_rank} and {self.kv_fraction}"
+                f"mla field 'rope_dim' must be even (whole frequency pairs); got {self.rope_dim}"
             )
-        if self.kv_rank is not None and (isinstance(self.kv_rank, bool) or int(self.kv_rank) < 1):
-            raise ValueError(f"kv_rank must be a positive integer; got {self.kv_rank!r}")
-        if self.kv_fraction is not None and not 0.0 < float(self.kv_fraction) <= 1.0:
-            raise ValueError(
-                f"kv_fraction (fraction of the KV cache kept) must be in (0, 1]; got {self.kv_fraction}"
-            )
+        if isinstance(self.decomposer, str):
+            self.decomposer = DecomposerConfig(name=self.decomposer)
 
     @classmethod
     def unsupported(cls, model: nn.Module) -> str | None:

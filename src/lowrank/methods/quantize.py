@@ -39,11 +39,11 @@ class QuantizeConfig(MethodConfig):
     method: ClassVar[str] = "quantize"
     example: ClassVar[dict[str, Any]] = {"bits": 4, "group_size": 16}
 
-    bits: int = 4
+    bits: int = field(default=4, metadata={"range": "[1, inf)"})
     """Bits per weight (hqq: 1, 2, 3, 4 or 8)."""
-    group_size: int = 64
+    group_size: int = field(default=64, metadata={"range": "[1, inf)"})
     """Weights sharing one scale and zero point (hqq: a multiple of 8)."""
-    backend: str = field(default="hqq", metadata={"choices": tuple(BACKENDS)})
+    backend: str = field(default="hqq", metadata={"choices": lambda: tuple(BACKENDS)})
     """Quantization library (see ``lowrank.nn.quantization``)."""
     scale_dtype: str = field(default="float16", metadata={"choices": SCALE_DTYPES})
     """dtype in which scales and zero points are stored."""
@@ -54,15 +54,10 @@ class QuantizeConfig(MethodConfig):
     """Modules to leave alone (same grammar as ``targets``)."""
 
     def __post_init__(self) -> None:
+        self.targets = None if self.targets is None else _patterns(self.targets)
+        self.ignore = _patterns(self.ignore)
         super().__post_init__()
-        for name in ("bits", "group_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        resolve_dtype(self.scale_dtype, SCALE_DTYPES)
         get_backend(self.backend).check(self.bits, self.group_size)
-        self.targets = None if self.targets is None else _patterns(self.targets, "targets")
-        self.ignore = _patterns(self.ignore, "ignore")
 
 
 def _targets(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
