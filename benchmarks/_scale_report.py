@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _random_llama import describe
-
+from benchmarks._random_llama import describe
 from lowrank.cli._common import format_table
 
 STAGES = ("calibration_forward", "gram_accumulation", "whitening", "decomposition", "other")
@@ -167,7 +166,7 @@ def markdown(p: dict[str, Any]) -> str:
     if p["reduced"]:
         out.append(
             "This run is reduced (fewer layers, calibration tokens or a smaller shape; the projection above "
-            "scales it); the full-size measurement is `python benchmarks/compress_scale.py --device cuda` "
+            "scales it); the full-size measurement is `python -m benchmarks.compress_scale --device cuda` "
             "(Llama-2-7B shape, 32 layers, 256 × 2048 tokens)."
         )
     return "\n\n".join(out) + "\n"

@@ -1,8 +1,8 @@
 """Baseline of the built-in model: perplexity on wiki (seq 512 and 2048) and shakespeare, CPU speed, memory.
 
-    python benchmarks/baseline.py                      # defaults below; about 10 minutes on 2 idle CPU cores
-    python benchmarks/baseline.py --windows-512 0      # 0 = every window of the split
-    python benchmarks/baseline.py --reuse-perplexity   # re-measure speed and memory only
+    python -m benchmarks.baseline                      # defaults below; about 10 minutes on 2 idle CPU cores
+    python -m benchmarks.baseline --windows-512 0      # 0 = every window of the split
+    python -m benchmarks.baseline --reuse-perplexity   # re-measure speed and memory only
 
 Writes ``benchmarks/results/baseline_<device>.json`` and ``.md``; the last line printed is one JSON line
 with the device, torch version and git SHA.
@@ -15,11 +15,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from benchmarks._common import RESULTS_DIR, env_info, final_line, write_results
 
 
 def _windows(n: int) -> int | None:

@@ -1,8 +1,8 @@
 """Quality of SVD / SVD-LLM / SVD-LLM V2 on the built-in model: perplexity, parameters, time, throughput.
 
-    python benchmarks/compress_quality.py --allocation-study --sequential-spot-checks   # the full run
-    python benchmarks/compress_quality.py --ratios 0.2 --keep-fractions 0.8 --windows 2 --out-name smoke
-    python benchmarks/compress_quality.py --resume ...        # skip configurations already measured
+    python -m benchmarks.compress_quality --allocation-study --sequential-spot-checks   # the full run
+    python -m benchmarks.compress_quality --ratios 0.2 --keep-fractions 0.8 --windows 2 --out-name smoke
+    python -m benchmarks.compress_quality --resume ...        # skip configurations already measured
 
 The model is loaded once and the Gram matrices XᵀX of every targeted linear are collected ONCE on wiki
 calibration windows; every non-sequential compression reuses them (deepcopy → compress → evaluate). Each
@@ -21,12 +21,9 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, load_partial, write_results  # noqa: E402
+from benchmarks._common import RESULTS_DIR, env_info, final_line, load_partial, write_results
 
 DECOMPOSERS = {  # label -> DecomposerConfig fields
     "svd": {"name": "svd"},
@@ -365,7 +362,8 @@ def _study_twin(done: dict[str, dict[str, Any]], spec: dict[str, Any]) -> dict[s
 
 def _finish(args, state, runner, load_before, seconds) -> int:
     import torch
-    from _quality_report import figures, markdown, targets
+
+    from benchmarks._quality_report import figures, markdown, targets
 
     env = env_info("cpu")
     payload = {

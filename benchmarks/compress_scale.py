@@ -1,8 +1,8 @@
 """Scale: SVD-LLM on a Llama-2-7B-shaped random model, exact SVD vs randomized SVD in one run.
 
-    python benchmarks/compress_scale.py --device cuda          # 32 layers, 256 × 2048 tokens, one GPU
-    python benchmarks/compress_scale.py --device cpu --layers 1 --calib-samples 24 --seq-len 512
-    python benchmarks/compress_scale.py --device cpu --shape smoke --layers 2 --calib-samples 4 \
+    python -m benchmarks.compress_scale --device cuda          # 32 layers, 256 × 2048 tokens, one GPU
+    python -m benchmarks.compress_scale --device cpu --layers 1 --calib-samples 24 --seq-len 512
+    python -m benchmarks.compress_scale --device cpu --shape smoke --layers 2 --calib-samples 4 \
         --seq-len 128 --results-dir /tmp/scale_smoke          # checks the script in seconds
 
 The model has Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 32 KV heads, vocab 32000; ``--shape
@@ -31,11 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
-from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, device_tag  # noqa: E402
-from _scale_report import markdown, per_layer, projection  # noqa: E402
+from benchmarks._common import RESULTS_DIR, env_info, final_line, write_results
+from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, device_tag
+from benchmarks._scale_report import markdown, per_layer, projection
 
 FULL_SAMPLES, FULL_SEQ = 256, 2048
 

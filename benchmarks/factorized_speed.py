@@ -1,8 +1,8 @@
 """Inference speed of weight-factorized models: a Llama-2-7B-shaped random model with 0/20/40/60 % of its
 linear parameters removed, prefill and decode at batch 1 and 16, interleaved with the original.
 
-    python benchmarks/factorized_speed.py --device cuda        # bf16, 32 layers, prompt 512, 32 decoded
-    python benchmarks/factorized_speed.py --device cpu --shape smoke --layers 2 --batch-sizes 1 2 \\
+    python -m benchmarks.factorized_speed --device cuda        # bf16, 32 layers, prompt 512, 32 decoded
+    python -m benchmarks.factorized_speed --device cpu --shape smoke --layers 2 --batch-sizes 1 2 \\
         --prompt-len 32 --gen-len 4 --repeats 1 --results-dir /tmp/speed_smoke    # a smoke test
 
 Each factorized model has the modules ``lowrank.compress`` builds with ``svd`` or ``svd-llm`` at that
@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
-from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag  # noqa: E402
+from benchmarks._common import RESULTS_DIR, env_info, final_line, write_results
+from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag
 
 RATIO = "ratio = fraction of targeted linear-layer parameters REMOVED (SVD-LLM convention)"
 

@@ -1,13 +1,13 @@
 """Healing on the built-in model: perplexity before and after a distillation fine-tune, per method and budget.
 
-    python benchmarks/heal.py                                  # the full grid (results/heal_cpu.*)
-    python benchmarks/heal.py --tokens 50000 --configs 0 1     # a subset: budgets and configuration indices
-    python benchmarks/heal.py --resume                         # continue an interrupted run
-    python benchmarks/heal.py --report-only                    # rewrite the report from the partial file
-    python benchmarks/heal.py --configs 0 --tokens 50000 --source teacher   # on text the original samples
-    python benchmarks/heal.py --configs 0 --tokens 50000 --temperatures 1 2 --kd-weights 0.9 1  # objectives
-    python benchmarks/heal.py --configs 3 --tokens 50000 --hidden-weights 0 1   # with hidden-state matching
-    python benchmarks/heal.py --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
+    python -m benchmarks.heal                                  # the full grid (results/heal_cpu.*)
+    python -m benchmarks.heal --tokens 50000 --configs 0 1     # a subset: budgets and configuration indices
+    python -m benchmarks.heal --resume                         # continue an interrupted run
+    python -m benchmarks.heal --report-only                    # rewrite the report from the partial file
+    python -m benchmarks.heal --configs 0 --tokens 50000 --source teacher   # on text the original samples
+    python -m benchmarks.heal --configs 0 --tokens 50000 --temperatures 1 2 --kd-weights 0.9 1  # objectives
+    python -m benchmarks.heal --configs 3 --tokens 50000 --hidden-weights 0 1   # with hidden-state matching
+    python -m benchmarks.heal --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --heldout-sequences 2 --results-dir /tmp/heal_smoke  # smoke test
 
 For every configuration (a compression method at one setting) the script compresses a fresh copy of the
@@ -44,9 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     RESULTS_DIR,
     env_info,
     final_line,
@@ -56,10 +54,9 @@ from _common import (  # noqa: E402
     record_run,
     write_results,
 )
-from _heal_report import objective_defaults  # noqa: E402
-from _heal_report import reference_key as _reference_key  # noqa: E402
-
-from lowrank.training.healing import PRECISIONS, SOURCES, TRAINABLE  # noqa: E402
+from benchmarks._heal_report import objective_defaults
+from benchmarks._heal_report import reference_key as _reference_key
+from lowrank.training.healing import PRECISIONS, SOURCES, TRAINABLE
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
@@ -422,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(partial, state)
     if "original" not in state:
         raise SystemExit(f"nothing measured yet in {partial}")
-    from _heal_report import report
+    from benchmarks._heal_report import report
 
     env = env_info("cpu")
     markdown, rows, figure = report(state, args.results_dir / f"{args.out_name}_perplexity.png", TARGET)

@@ -1,7 +1,7 @@
 """Memory and time of the healing loss: chunked with its gradient in closed form, against plain autograd.
 
-    python benchmarks/heal_loss.py                                   # results/heal_loss_cpu.{json,md}
-    python benchmarks/heal_loss.py --vocab 1000 --batch-size 1 --seq-len 64 --results-dir /tmp/hl  # smoke
+    python -m benchmarks.heal_loss                                   # results/heal_loss_cpu.{json,md}
+    python -m benchmarks.heal_loss --vocab 1000 --batch-size 1 --seq-len 64 --results-dir /tmp/hl  # smoke
 
 ``lowrank.training.healing.distillation_loss`` (KL at T = 1 with weight 0.9 plus cross-entropy) forward and
 backward
@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from benchmarks._common import RESULTS_DIR, env_info, final_line, write_results
 
 VOCABS = {49_152: "SmolLM2", 128_256: "Llama 3", 151_936: "Qwen2"}
 MODES = ("autograd", "chunked")
@@ -106,12 +104,12 @@ def _autograd_loss(student, teacher, ids, *, temperature: float, kd_weight: floa
 
 
 def _run(args, vocab: int, mode: str) -> dict[str, float]:
-    argv = [sys.executable, __file__, "--child", str(vocab), mode]
+    argv = [sys.executable, "-m", "benchmarks.heal_loss", "--child", str(vocab), mode]
     for name in ("batch_size", "seq_len", "dtype", "repeats", "device", "threads"):
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    out = subprocess.run(argv, capture_output=True, text=True)  # inherits the environment
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"vocab {vocab}, {mode}: the measuring process failed ({tail})")

@@ -1,7 +1,7 @@
 """Where a healing step spends its time, in float32 and bfloat16 compute, and what caching the teacher costs.
 
-    python benchmarks/heal_step.py                       # results/heal_step_cpu.{json,md}
-    python benchmarks/heal_step.py --steps 1 --batch-size 1 --seq-len 64 --results-dir /tmp/hs  # smoke test
+    python -m benchmarks.heal_step                       # results/heal_step_cpu.{json,md}
+    python -m benchmarks.heal_step --steps 1 --batch-size 1 --seq-len 64 --results-dir /tmp/hs  # smoke test
 
 The student is the built-in model with every decoder linear factorized by plain ``svd`` at 20 % removed
 (data-free, so the script starts in seconds; the shapes are those healing trains for svd-llm-v2 20 %). One
@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from benchmarks._common import RESULTS_DIR, env_info, final_line, write_results
 
 PHASES = ("teacher_forward", "student_forward", "loss", "backward_and_update")
 BUDGETS = (50_000, 200_000, 400_000)

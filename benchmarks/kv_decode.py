@@ -2,8 +2,8 @@
 (31 % of the cache kept) and by ``kv-projection`` (post-RoPE, R/d 0.5), decode tokens/s at batch 16 with
 8k cached tokens, interleaved with the original.
 
-    python benchmarks/kv_decode.py --device cuda               # bf16, 32 layers, batch 16 × 8,192 tokens
-    python benchmarks/kv_decode.py --device cpu --shape smoke --layers 2 --batch-size 2 --context 256 \\
+    python -m benchmarks.kv_decode --device cuda               # bf16, 32 layers, batch 16 × 8,192 tokens
+    python -m benchmarks.kv_decode --device cpu --shape smoke --layers 2 --batch-size 2 --context 256 \\
         --seed-len 32 --steps 4 --repeats 1 --calib-samples 2 --calib-seq-len 128 \\
         --results-dir /tmp/kv_decode_smoke                     # a smoke test
 
@@ -42,9 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     RESULTS_DIR,
     compressed_copy,
     env_info,
@@ -52,7 +50,7 @@ from _common import (  # noqa: E402
     kv_statistics,
     write_results,
 )
-from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag  # noqa: E402
+from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
 """KV-cache projections on the built-in model: perplexity, KV bytes per token and decode speed per method.
 
-    python benchmarks/kv_projection.py                      # the full run (results/kv_projection_cpu.*)
-    python benchmarks/kv_projection.py --report-only        # rewrite the report from the partial file
-    python benchmarks/kv_projection.py --resume             # continue an interrupted run
-    python benchmarks/kv_projection.py --max-configs 2 --calib-samples 2 --calib-seq-len 128 \\
+    python -m benchmarks.kv_projection                      # the full run (results/kv_projection_cpu.*)
+    python -m benchmarks.kv_projection --report-only        # rewrite the report from the partial file
+    python -m benchmarks.kv_projection --resume             # continue an interrupted run
+    python -m benchmarks.kv_projection --max-configs 2 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --eval-seq-len 128 --prompt-len 64 --gen-len 2 \\
         --results-dir /tmp/kv_smoke                         # a smoke test in a few minutes
 
@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, compressed_copy, env_info, final_line, kv_statistics, open_run  # noqa: E402
+from benchmarks._common import RESULTS_DIR, compressed_copy, env_info, final_line, kv_statistics, open_run
 
 KEY_METHODS = ("k-svd", "eigen", "kq", "kq-sum")
 SPEED_DEFAULT = ["kq/KV-wo-aware/post/uniform/R=0.5", "kq/KV-wo-aware/pre/uniform/R=0.5"]
@@ -304,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finish(args, state, runner, plan, load_before, seconds) -> int:
     import torch
-    from _kv_report import figure, markdown
 
+    from benchmarks._kv_report import figure, markdown
     from lowrank.io.files import write_json, write_text
 
     env = env_info("cpu")

@@ -1,9 +1,9 @@
 """MHA/GQA → MLA conversion on the built-in model: the seed's Table 2, plus sweeps of the kept KV fraction,
 ``rope_dim``, the RoPE selection and joint vs split latents.
 
-    python benchmarks/mla.py                          # the full run (results/mla_cpu.*)
-    python benchmarks/mla.py --resume                 # continue an interrupted run
-    python benchmarks/mla.py --windows 1 --windows-shakespeare 1 --configs 2 --calib-samples 4 \\
+    python -m benchmarks.mla                          # the full run (results/mla_cpu.*)
+    python -m benchmarks.mla --resume                 # continue an interrupted run
+    python -m benchmarks.mla --windows 1 --windows-shakespeare 1 --configs 2 --calib-samples 4 \\
         --speed-repeats 1 --long-prompt-len 256 --out-name mla_smoke --results-dir /tmp/mla_smoke
 
 The model is loaded once and the statistics the ``mla`` method asks for — the per-head attention Grams
@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, compressed_copy, env_info, final_line, kv_statistics, open_run  # noqa: E402
+from benchmarks._common import RESULTS_DIR, compressed_copy, env_info, final_line, kv_statistics, open_run
 
 DECOMPOSERS = {  # label -> DecomposerConfig fields
     "svd": {"name": "svd"},
@@ -292,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finish(args, state, runner, plan, load_before, seconds) -> int:
     import torch
-    from _mla_report import figure, markdown, targets
 
+    from benchmarks._mla_report import figure, markdown, targets
     from lowrank.io.files import write_json, write_text
 
     env = env_info("cpu")

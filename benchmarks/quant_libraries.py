@@ -1,7 +1,7 @@
 """Weight-quantization libraries on the built-in model: perplexity, stored bytes, safetensors reload, CPU.
 
-    python benchmarks/quant_libraries.py             # results/quant_libraries_cpu.{json,md}
-    python benchmarks/quant_libraries.py --bits 4 --windows 1 --threads 1 --results-dir /tmp/ql_smoke  # smoke
+    python -m benchmarks.quant_libraries             # results/quant_libraries_cpu.{json,md}
+    python -m benchmarks.quant_libraries --bits 4 --windows 1 --threads 1 --results-dir /tmp/ql_smoke  # smoke
 
 Every library that imports (hqq, optimum-quanto, torchao; a missing one is reported as not installed)
 quantizes, weight-only, every nn.Linear in the decoder layers of a fresh copy of the model at each --bits it
@@ -31,15 +31,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank
+from benchmarks._common import RESULTS_DIR, env_info, final_line, write_results
 from lowrank.evaluation import perplexity
 from lowrank.io.data import tokenize
 from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import QuantizeConfig, compress
 from lowrank.nn import QuantizedLinear
 from lowrank.nn.architectures import get_arch_spec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
 
 GROUP = 64
 

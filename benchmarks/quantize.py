@@ -1,9 +1,9 @@
 """Low-rank plus quantization at equal memory on the built-in model: perplexity against weight bytes.
 
-    python benchmarks/quantize.py                     # the full grid (results/quantize_cpu.*)
-    python benchmarks/quantize.py --resume            # continue an interrupted run
-    python benchmarks/quantize.py --report-only       # rewrite the report from the partial file
-    python benchmarks/quantize.py --bits 4 --combo-bits 4 --ratios 0.2 --calib-samples 2 \\
+    python -m benchmarks.quantize                     # the full grid (results/quantize_cpu.*)
+    python -m benchmarks.quantize --resume            # continue an interrupted run
+    python -m benchmarks.quantize --report-only       # rewrite the report from the partial file
+    python -m benchmarks.quantize --bits 4 --combo-bits 4 --ratios 0.2 --calib-samples 2 \\
         --calib-seq-len 128 --windows 1 --windows-shakespeare 1 --results-dir /tmp/quant_smoke  # smoke test
 
 Points, each measured on the same wiki-test and shakespeare windows as the original in the same run:
@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     RESULTS_DIR,
     env_info,
     final_line,
@@ -184,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(partial, state)
     if not state["configs"]:
         raise SystemExit(f"nothing measured yet in {partial}")
-    from _quant_report import report
+    from benchmarks._quant_report import report
 
     env = env_info("cpu")
     markdown, summary, figure = report(state, args.results_dir / f"{args.out_name}_pareto.png")

@@ -1,7 +1,7 @@
 """Seed Table 1 and beyond: exact SVD vs this toolkit's randomized SVD vs torch.svd_lowrank (and sklearn).
 
-    python benchmarks/rsvd_table.py --device cpu --out benchmarks/results/rsvd_table_cpu
-    python benchmarks/rsvd_table.py --device cuda --out benchmarks/results/rsvd_table_h100
+    python -m benchmarks.rsvd_table --device cpu --out benchmarks/results/rsvd_table_cpu
+    python -m benchmarks.rsvd_table --device cuda --out benchmarks/results/rsvd_table_h100
 
 Same code as ``lowrank bench rsvd`` (see ``lowrank.benchmarking.rsvd_table``).
 """

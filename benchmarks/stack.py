@@ -6,7 +6,7 @@ the same logits bit for bit, and reports against the original measured in the sa
 wiki and shakespeare, weight bytes, and KV-cache bytes at a 4,096-token context (bytes per token measured
 on the real cache object × 4,096).
 
-    python benchmarks/stack.py            # results/stack_cpu.{json,md}
+    python -m benchmarks.stack            # results/stack_cpu.{json,md}
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_info, final_line, write_results  # noqa: E402
+from benchmarks._common import env_info, final_line, write_results
 
 CONTEXT = 4096
 STACKS: dict[str, list[dict[str, Any]]] = {
