@@ -151,7 +151,7 @@ def time_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Seconds of one truncated decomposition per shape of a layer (Gaussian input, ``compute_dtype``)."""
     import torch
 
-    from lowrank.benchmarking._timing import sync
+    from benchmarks._timing import sync
     from lowrank.linalg import get_decomposer
     from lowrank.linalg.allocation import rank_for_ratio
 
