@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
+
+from benchmarks._tables import load_text, ppl, save_figure, sig
 
 RATIO_NOTE = (
     "`ratio` = fraction of the targeted decoder linear-layer parameters REMOVED (SVD-LLM convention); "
@@ -43,10 +44,6 @@ def _rows(p: dict[str, Any], group: str) -> list[dict[str, Any]]:
     return [c for c in p["configs"].values() if c.get("group") == group]
 
 
-def _ppl(c: dict[str, Any], corpus: str = "wiki") -> float:
-    return c["perplexity"][corpus]["perplexity"]
-
-
 def _find(p, group, method, dec, *, ratio=None, keep=None):
     for c in _rows(p, group):
         if (c["method"], c["decomposer_label"], c["ratio"], c["keep_singular_fraction"]) == (
@@ -71,7 +68,7 @@ def targets(p: dict[str, Any]) -> list[dict[str, Any]]:
             got = {m: _find(p, "grid", m, dec, ratio=ratio) for m in ("svd", "svd-llm", "svd-llm-v2")}
             if any(v is None for v in got.values()):
                 continue
-            v2, v1, plain = (_ppl(got[m]) for m in ("svd-llm-v2", "svd-llm", "svd"))
+            v2, v1, plain = (ppl(got[m]) for m in ("svd-llm-v2", "svd-llm", "svd"))
             ok = v2 < (1.0 - TIE) * v1 and plain >= MUCH_WORSE * v1
             cell = {
                 "decomposer": dec,
@@ -100,25 +97,23 @@ def targets(p: dict[str, Any]) -> list[dict[str, Any]]:
         fast = _find(p, "grid", method, "rsvd(20,4)", ratio=0.2)
         if exact is None or fast is None:
             continue
-        rel = _ppl(fast) / _ppl(exact) - 1.0
+        rel = ppl(fast) / ppl(exact) - 1.0
         out.append(
             {
                 "name": f"rsvd20_4_{method}",
                 "text": f"{method}: rSVD(20,4) wiki ppl within {RSVD_TOLERANCE:.0%} of exact SVD "
                 "at ratio 0.2",
                 "status": "PASS" if rel <= RSVD_TOLERANCE else "FAIL",
-                "exact": _ppl(exact),
-                "rsvd": _ppl(fast),
+                "exact": ppl(exact),
+                "rsvd": ppl(fast),
                 "relative_gap": rel,
             }
         )
     return out
 
 
-def _fmt(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3g}"
+def _num(x: float | None) -> str:
+    return sig(x, large=1e5)
 
 
 def _config_table(p: dict[str, Any], group: str, x_name: str) -> str:
@@ -139,10 +134,10 @@ def _config_table(p: dict[str, Any], group: str, x_name: str) -> str:
                 round(c["keep_singular_fraction_achieved"], 4),
                 round(c["parameters_retained"], 4),
                 c["dense_kept"],
-                _fmt(_ppl(c)),
-                f"{_ppl(c) / orig['wiki']['perplexity']:.3g}",
-                _fmt(_ppl(c, "shakespeare")),
-                f"{_ppl(c, 'shakespeare') / orig['shakespeare']['perplexity']:.3g}",
+                _num(ppl(c)),
+                f"{ppl(c) / orig['wiki']['perplexity']:.3g}",
+                _num(ppl(c, "shakespeare")),
+                f"{ppl(c, 'shakespeare') / orig['shakespeare']['perplexity']:.3g}",
                 round(c["time_total_s"], 2),
                 round(c["time_decomposition_s"], 2),
                 c["fallbacks"] + sum(c["decomposer_fallbacks"].values()),
@@ -220,11 +215,11 @@ def _targets_text(p: dict[str, Any]) -> str:
             for c in t["failed"]:
                 lines.append(
                     f"  * fails at ratio {c['ratio']}, {c['decomposer']}: "
-                    f"svd-llm-v2 {_fmt(c['svd-llm-v2'])}, svd-llm {_fmt(c['svd-llm'])}, svd {_fmt(c['svd'])}"
+                    f"svd-llm-v2 {_num(c['svd-llm-v2'])}, svd-llm {_num(c['svd-llm'])}, svd {_num(c['svd'])}"
                 )
         else:
             lines.append(
-                f"* **{t['status']}** — {t['text']}: exact {_fmt(t['exact'])}, rSVD(20,4) {_fmt(t['rsvd'])} "
+                f"* **{t['status']}** — {t['text']}: exact {_num(t['exact'])}, rSVD(20,4) {_num(t['rsvd'])} "
                 f"({t['relative_gap']:+.2%})."
             )
         if t["status"] == "FAIL" and t["name"] in FAIL_NOTES:
@@ -236,7 +231,6 @@ def markdown(p: dict[str, Any]) -> str:
     """The results page: settings, conventions, one table per study, the targets."""
     s, env, cfg = p["settings"], p["env"], p["configs"]
     orig = cfg["original"]["perplexity"]
-    load = p["load_average_1min"]
     gram_s = p["gram_collection_seconds"]
     gram_note = f"collected in {gram_s} s" if gram_s else "collection time not recorded by the last run"
     head = (
@@ -249,8 +243,8 @@ def markdown(p: dict[str, Any]) -> str:
         f"{s['eval_seq_len']} tokens (non-overlapping, every predicted token counted). Original model: "
         f"wiki {orig['wiki']['perplexity']:.4f}, shakespeare {orig['shakespeare']['perplexity']:.4f} on "
         f"the same windows. {env['device_name']}, torch {env['torch']}, transformers "
-        f"{env['transformers']}, git {env['git_sha']}; 1-min load average {load['start']} → "
-        f"{load['end']} (the machine was shared: times and speeds are indicative)."
+        f"{env['transformers']}, git {env['git_sha']}; 1-min load average {load_text(p)} "
+        "(the machine was shared: times and speeds are indicative)."
     )
     parts = [
         "# Compression quality on the built-in model (CPU)",
@@ -306,10 +300,10 @@ def _allocation_table(p: dict[str, Any]) -> str:
                 c["allocation"],
                 c["ratio"],
                 round(c["ratio_params_removed"], 4),
-                _fmt(c["relative_loss_homogeneous"]) if c["allocation"] != "uniform" else "–",
-                _fmt(c["relative_loss_allocated"]) if c["allocation"] != "uniform" else "–",
-                _fmt(_ppl(c)),
-                _fmt(_ppl(c, "shakespeare")),
+                _num(c["relative_loss_homogeneous"]) if c["allocation"] != "uniform" else "–",
+                _num(c["relative_loss_allocated"]) if c["allocation"] != "uniform" else "–",
+                _num(ppl(c)),
+                _num(ppl(c, "shakespeare")),
             )
         )
     rows.sort(key=lambda r: (r[1], r[0]))
@@ -339,8 +333,8 @@ def _sequential_table(p: dict[str, Any]) -> str:
                         c["decomposer_label"],
                         c["ratio"],
                         label,
-                        _fmt(_ppl(r)),
-                        _fmt(_ppl(r, "shakespeare")),
+                        _num(ppl(r)),
+                        _num(ppl(r, "shakespeare")),
                         round(r["time_total_s"], 1),
                     )
                 )
@@ -396,9 +390,7 @@ def figures(p: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
     written = []
 
     def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{stem}_{name}.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out_dir / f"{stem}_{name}.png", dpi=120)
         written.append(f"{stem}_{name}.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -459,7 +451,7 @@ def figures(p: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
             ax,
             p,
             group,
-            lambda c, corpus=corpus: _ppl(c, corpus),
+            lambda c, corpus=corpus: ppl(c, corpus),
             grid_methods if group == "grid" else ["svd-llm"],
             decs,
         )
