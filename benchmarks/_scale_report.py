@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks._random_llama import describe
+from benchmarks._tables import gib, load_text
 from lowrank.cli._common import format_table
 
 STAGES = ("calibration_forward", "gram_accumulation", "whitening", "decomposition", "other")
@@ -46,10 +47,6 @@ def projection(payload: dict[str, Any], full_layers: int, full_tokens: int) -> d
     return out
 
 
-def _gib(n: int | None) -> str:
-    return "n/a (CPU)" if n is None else f"{n / 2**30:.2f}"
-
-
 def _run_rows(runs: dict[str, Any]) -> list[tuple]:
     rows = []
     for name, r in runs.items():
@@ -59,7 +56,7 @@ def _run_rows(runs: dict[str, Any]) -> list[tuple]:
                 name,
                 t["total"],
                 *(t.get(k, 0.0) for k in STAGES),
-                _gib(r["peak_accelerator_bytes"]),
+                gib(r["peak_accelerator_bytes"], none="n/a (CPU)"),
                 r["ratio_params_removed"],
                 r["fallbacks"],
                 f"{r['truncation_loss_sum']:.4g}",
@@ -136,9 +133,8 @@ def markdown(p: dict[str, Any]) -> str:
         f"{'on' if s['tf32_used'] else 'off'}, rSVD oversample {s['oversample']}, power iterations "
         f"{s['power_iters']}, batch {s['batch_size']}, activations offloaded to {s['offload_device']}.",
         f"torch {env['torch']}, transformers {env['transformers']}, git {env['git_sha']}; "
-        f"{p['torch_threads']} torch threads; 1-min load average {p['load_average_1min_start']} at start, "
-        f"{p.get('load_average_1min_end')} at end"
-        + (f"; script wall time {p['wall_seconds']:.0f} s." if "wall_seconds" in p else "."),
+        f"{p['torch_threads']} torch threads; 1-min load average {load_text(p)} (start → end of each "
+        f"invocation); script wall time {p['wall_seconds']:.0f} s.",
         "## Measured time breakdown (seconds, whole run)",
         format_table(
             _run_rows(p["runs"]),

@@ -76,7 +76,7 @@ fi
 
 if [[ $SMALL == 1 ]]; then
     DEVICE=cpu  # one torch thread: on a small shared CPU, more threads than idle cores stall LAPACK
-    SCALE=(--threads 1 --shape smoke --layers 2 --calib-samples 4 --seq-len 128)
+    SCALE=(--threads 1 --shape smoke --layers 2 --calib-samples 4 --calib-seq-len 128)
     SPEED=(--threads 1 --shape smoke --layers 2 --batch-sizes 1 2 --prompt-len 32 --gen-len 4 --repeats 1)
     KV=(--threads 1 --shape smoke --layers 2 --batch-size 2 --context 256 --seed-len 32 --steps 4 --repeats 1
         --calib-samples 2 --calib-seq-len 128)
@@ -85,7 +85,7 @@ else
     DEVICE=cuda
     # grown in place, a long KV cache's blocks are reused instead of fragmenting the device memory
     export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-    SCALE=(--calib-samples 32 --seq-len 2048)
+    SCALE=(--calib-samples 32 --calib-seq-len 2048)
     SPEED=()
     KV=()
     RSVD=(--repeats 2)
