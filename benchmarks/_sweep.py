@@ -33,7 +33,7 @@ def parser(
     device: str | None = None,
     model: str | None = "smollm2-135m",
     calibration: dict[str, Any] | None = None,
-    windows: tuple[int, int] | None = None,
+    windows: tuple[int, int | None] | None = None,
 ) -> argparse.ArgumentParser:
     """The parser of a benchmark script with the shared flags.
 
@@ -48,7 +48,7 @@ def parser(
         calibration: add ``--calib-<field>`` for each field of ``CalibrationConfig`` named here, with the
             script's default; help and type come from the config, as in ``lowrank compress``.
         windows: add ``--windows`` and ``--windows-shakespeare`` (test windows of 512 tokens) with these
-            defaults.
+            defaults (``None``: no shakespeare flag).
     """
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     if model is not None:
@@ -59,12 +59,9 @@ def parser(
         _calibration_flags(p, calibration)
     if windows is not None:
         p.add_argument("--windows", type=int, default=windows[0], help=f"wiki test windows ({windows[0]})")
-        p.add_argument(
-            "--windows-shakespeare",
-            type=int,
-            default=windows[1],
-            help=f"shakespeare test windows ({windows[1]})",
-        )
+        if windows[1] is not None:
+            text = f"shakespeare test windows ({windows[1]})"
+            p.add_argument("--windows-shakespeare", type=int, default=windows[1], help=text)
     run = p.add_argument_group("run", "where results go and how the run is kept (shared by every benchmark)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument(
@@ -210,7 +207,8 @@ class Sweep:
             self.save()
         if not self.rows:
             raise SystemExit(f"nothing measured yet in {self.partial}")
-        payload = {"benchmark": self.name, "settings": self.state["settings"], **payload, **self.provenance()}
+        provenance = {k: v for k, v in self.provenance().items() if k not in payload}  # the script's win
+        payload = {"benchmark": self.name, "settings": self.state["settings"], **payload, **provenance}
         if figures is not None and not getattr(args, "no_figures", False):
             payload["figures"] = [str(f) for f in figures(payload, args.results_dir, args.out_name) if f]
         text = markdown(payload)
