@@ -23,6 +23,7 @@ __all__ = [  # save_figure lives in _tables and stays importable from here
     "env_info",
     "final_line",
     "git_sha",
+    "kv_final",
     "kv_statistics",
     "load_for_evaluation",
     "load_partial",
@@ -226,6 +227,19 @@ def perplexities(model: Any, eval_ids: dict[str, tuple[Any, int]], tokenizer: An
     return {
         corpus: perplexity(model, tokenizer, ids, seq_len=512, max_windows=n, progress=False).perplexity
         for corpus, (ids, n) in eval_ids.items()
+    }
+
+
+def kv_final(p: dict[str, Any]) -> dict[str, Any]:
+    """The final line's fields of a KV sweep: configurations measured, the baseline's wiki perplexity and KV
+    bytes per token."""
+    from benchmarks._tables import ppl
+
+    base = p["configs"]["baseline"]
+    return {
+        "configs": len(p["configs"]) - 1,
+        "ppl_wiki_baseline": round(ppl(base), 3),
+        "kv_bytes_per_token_baseline": base["kv_bytes_per_token"],
     }
 
 

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, device_tag
+from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, add_arguments, build_model, device_tag
 from benchmarks._scale_report import markdown, per_layer, projection
 from benchmarks._sweep import Sweep, calibration_config, parser, settings
 
@@ -39,8 +39,7 @@ FULL_SAMPLES, FULL_SEQ = 256, 2048
 def _parser() -> argparse.ArgumentParser:
     calibration = {"samples": FULL_SAMPLES, "seq_len": FULL_SEQ, "batch_size": 8, "stat_dtype": "float32"}
     p = parser(__doc__, None, device="cuda", model=None, calibration={**calibration, "offload_device": "cpu"})
-    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
-    p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
+    add_arguments(p, "calibration tokens")
     p.add_argument("--method", default="svd-llm", choices=("svd-llm", "svd-llm-v2"))
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear parameters REMOVED")
     p.add_argument("--decomposers", default="svd,rsvd", help="comma-separated, run in this order")
@@ -53,9 +52,6 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="allow TF32 in float32 matrix products on CUDA (Gram accumulation, rSVD sketches; default on)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and calibration tokens")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="time kernels")
     return p
 

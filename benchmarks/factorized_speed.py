@@ -28,7 +28,13 @@ import sys
 import time
 from typing import Any
 
-from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag
+from benchmarks._random_llama import (
+    SHAPES,
+    add_arguments,
+    build_model,
+    describe,
+    device_tag,
+)
 from benchmarks._sweep import Sweep, parser, settings
 
 RATIO = "ratio = fraction of targeted linear-layer parameters REMOVED (SVD-LLM convention)"
@@ -36,9 +42,7 @@ RATIO = "ratio = fraction of targeted linear-layer parameters REMOVED (SVD-LLM c
 
 def _parser() -> argparse.ArgumentParser:
     p = parser(__doc__, None, device="cuda", model=None)
-    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
-    p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    add_arguments(p, "prompts")
     p.add_argument(
         "--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="fractions of params REMOVED"
     )
@@ -46,8 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (512)")
     p.add_argument("--gen-len", type=int, default=32, help="decoded tokens per sequence (32)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (3)")
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     return p
 
 

@@ -42,15 +42,19 @@ import time
 from typing import Any
 
 from benchmarks._common import compressed_copy, kv_statistics
-from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag
+from benchmarks._random_llama import (
+    SHAPES,
+    add_arguments,
+    build_model,
+    describe,
+    device_tag,
+)
 from benchmarks._sweep import Sweep, parser, settings
 
 
 def _parser() -> argparse.ArgumentParser:
     p = parser(__doc__, None, device="cuda", model=None, calibration={"samples": 16, "seq_len": 1024})
-    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
-    p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    add_arguments(p, "token ids")
     p.add_argument("--mla-fraction", type=float, default=0.3125, help="mla kv_fraction KEPT (0.3125)")
     p.add_argument("--mla-decomposer", default="rsvd", choices=("rsvd", "svd"), help="mla's SVD (rsvd)")
     p.add_argument("--rank-fraction", type=float, default=0.5, help="kv-projection R/d KEPT (0.5)")
@@ -59,8 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-len", type=int, default=128, help="tokens really prefilled; divides --context")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps (32)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (3)")
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
     return p
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks._common import CalibratedRunner
+from benchmarks._common import CalibratedRunner, kv_final
 from benchmarks._kv_report import figure, markdown
 from benchmarks._sweep import Sweep, parser
 from benchmarks._tables import ppl
@@ -241,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown,
         lambda p, out_dir, stem: [figure(p, out_dir, stem)],
         lambda p: {
-            "configs": len(p["configs"]) - 1,
-            "ppl_wiki_baseline": round(ppl(p["configs"]["baseline"]), 3),
-            "kv_bytes_per_token_baseline": p["configs"]["baseline"]["kv_bytes_per_token"],
+            **kv_final(p),
             "decode_ratio": {k: round(v["decode_ratio"], 3) for k, v in (p["throughput"] or {}).items()},
         },
     )

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks._common import CalibratedRunner
+from benchmarks._common import CalibratedRunner, kv_final
 from benchmarks._mla_report import figure, markdown, targets
 from benchmarks._sweep import Sweep, parser
 from benchmarks._tables import ppl
@@ -244,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown,
         lambda p, out_dir, stem: [figure(p, out_dir, stem)],
         lambda p: {
-            "configs": len(p["configs"]) - 1,
-            "ppl_wiki_baseline": round(ppl(p["configs"]["baseline"]), 3),
-            "kv_bytes_per_token_baseline": p["configs"]["baseline"]["kv_bytes_per_token"],
+            **kv_final(p),
             "targets": {t["name"]: t["status"] for t in p["targets"]},
         },
     )
