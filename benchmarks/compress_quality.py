@@ -23,7 +23,8 @@ import sys
 from typing import Any
 
 from benchmarks._common import CalibratedRunner
-from benchmarks._quality_report import figures, markdown, targets
+from benchmarks._quality_figures import figures
+from benchmarks._quality_report import markdown, targets
 from benchmarks._sweep import Sweep, calibration_config, parser
 from benchmarks._tables import ppl
 

@@ -28,7 +28,8 @@ import time
 from typing import Any
 
 from benchmarks._common import CalibratedRunner, kv_final
-from benchmarks._mla_report import figure, markdown, targets
+from benchmarks._mla_figures import figure
+from benchmarks._mla_report import markdown, targets
 from benchmarks._sweep import Sweep, parser
 from benchmarks._tables import ppl
 
