@@ -1,7 +1,11 @@
-"""Helpers shared by the benchmark scripts: provenance (git SHA, environment) and result files.
+"""Helpers shared by the benchmark scripts: provenance (git SHA, environment), result files, the run state
+under :class:`benchmarks._sweep.Sweep` (``open_run``, ``load_partial``) and measurements several scripts
+make (a calibrated runner with shared statistics, perplexities, compressed copies).
 
 Every benchmark prints a table and ends with one JSON line carrying the device, torch version and git
-SHA (``final_line``), and writes its results under ``benchmarks/results/`` atomically.
+SHA (``final_line``), and writes its results under ``benchmarks/results/`` atomically. This module imports
+nothing from ``benchmarks`` at import time, so scripts written before the package (``sys.path`` on this
+folder, ``from _common import ...``) still run; :mod:`benchmarks._tables` re-exports ``save_figure``.
 """
 
 from __future__ import annotations
@@ -13,9 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from benchmarks._tables import save_figure
-
-__all__ = [  # save_figure lives in _tables and stays importable from here
+__all__ = [
     "RESULTS_DIR",
     "CalibratedRunner",
     "compressed_copy",
@@ -292,3 +294,16 @@ class CalibratedRunner:
     def compressed(self, config: Any) -> tuple[Any, Any]:
         """A deep copy of the model compressed with ``config`` from the shared statistics, and the result."""
         return compressed_copy(self.model, config, self.stats)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write atomically as PNG, and close a matplotlib figure; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    from lowrank.io.files import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from benchmarks._common import save_figure  # defined there, where scripts written before the skeleton find it
+
+__all__ = ["DASH", "ppl", "missing", "sig", "fixed", "gib", "table", "load_text", "save_figure"]
 
 DASH = "–"
 """What a table shows for a value that was not measured."""
@@ -54,16 +57,3 @@ def load_text(p: dict[str, Any]) -> str:
     if isinstance(load, dict):  # results written before the runs kept one entry per invocation
         load = [load]
     return "; ".join(f"{x['start']} → {x['end']}" for x in load) or DASH
-
-
-def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
-    """Lay out, write atomically as PNG, and close a matplotlib figure; return ``path``."""
-    import matplotlib.pyplot as plt
-
-    from lowrank.io.files import atomic_path
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
