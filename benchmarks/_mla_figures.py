@@ -62,6 +62,6 @@ def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str | None:
         title=f"MHA → MLA on {p['settings']['model']}: 2-norm RoPE, rope_dim 8, joint latent",
     )
     ax.legend(fontsize=7, loc="center right")
-    name = f"{stem}ppl_vs_kv_bytes.png"
+    name = f"{stem}_ppl_vs_kv_bytes.png"
     save_figure(fig, out_dir / name, dpi=120)
     return name
