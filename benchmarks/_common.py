@@ -1,7 +1,11 @@
-"""Helpers shared by the benchmark scripts: provenance (git SHA, environment) and result files.
+"""Helpers shared by the benchmark scripts: provenance (git SHA, environment), result files, the run state
+under :class:`benchmarks._sweep.Sweep` (``open_run``, ``load_partial``) and measurements several scripts
+make (a calibrated runner with shared statistics, perplexities, compressed copies).
 
 Every benchmark prints a table and ends with one JSON line carrying the device, torch version and git
-SHA (``final_line``), and writes its results under ``benchmarks/results/`` atomically.
+SHA (``final_line``), and writes its results under ``benchmarks/results/`` atomically. This module imports
+nothing from ``benchmarks`` at import time, so scripts written before the package (``sys.path`` on this
+folder, ``from _common import ...``) still run; :mod:`benchmarks._tables` re-exports ``save_figure``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,25 @@ import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+
+__all__ = [
+    "RESULTS_DIR",
+    "CalibratedRunner",
+    "compressed_copy",
+    "device_name",
+    "env_info",
+    "final_line",
+    "git_sha",
+    "kv_final",
+    "kv_statistics",
+    "load_for_evaluation",
+    "load_partial",
+    "open_run",
+    "perplexities",
+    "record_run",
+    "save_figure",
+    "write_results",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -209,7 +232,71 @@ def perplexities(model: Any, eval_ids: dict[str, tuple[Any, int]], tokenizer: An
     }
 
 
-def save_figure(fig: Any, path: Path) -> Path:
+def kv_final(p: dict[str, Any]) -> dict[str, Any]:
+    """The final line's fields of a KV sweep: configurations measured, the baseline's wiki perplexity and KV
+    bytes per token."""
+    from benchmarks._tables import ppl
+
+    base = p["configs"]["baseline"]
+    return {
+        "configs": len(p["configs"]) - 1,
+        "ppl_wiki_baseline": round(ppl(base), 3),
+        "kv_bytes_per_token_baseline": base["kv_bytes_per_token"],
+    }
+
+
+class CalibratedRunner:
+    """The model, its evaluation windows (:func:`load_for_evaluation`), the wiki calibration tokens
+    (``--calib-samples`` × ``--calib-seq-len``, ``--calib-seed``) and the statistics of the unchanged model
+    (:meth:`collect`, on first use and timed apart), shared by every configuration of a sweep."""
+
+    def __init__(self, args: Any) -> None:
+        from lowrank.io.data import calibration_batches, load_text
+
+        self.args = args
+        self.model, self.tokenizer, self.eval_ids = load_for_evaluation(args)
+        calib = load_text("wiki", "calibration")
+        self.calib = calibration_batches(
+            self.tokenizer, calib, args.calib_samples, args.calib_seq_len, seed=args.calib_seed
+        )
+        self._stats = None
+        self.stats_seconds: float | None = None
+
+    def collect(self) -> Any:
+        """The statistics every configuration compresses from (default: :func:`kv_statistics`)."""
+        return kv_statistics(self.model, self.calib)[0]
+
+    @property
+    def stats(self) -> Any:
+        import time
+
+        if self._stats is None:
+            start = time.perf_counter()
+            self._stats = self.collect()
+            self.stats_seconds = round(time.perf_counter() - start, 1)
+        return self._stats
+
+    def perplexity(self, model: Any, seq_len: int = 512, bos: bool = True) -> dict[str, dict[str, Any]]:
+        """The perplexity report of ``model`` on each corpus with the seconds it took (``bos``: the
+        tokenizer decides the BOS token; false: none)."""
+        import time
+
+        from lowrank.evaluation import perplexity
+
+        tokenizer = self.tokenizer if bos else None
+        out = {}
+        for corpus, (ids, windows) in self.eval_ids.items():
+            start = time.perf_counter()
+            r = perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=windows, progress=False)
+            out[corpus] = {**r.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
+        return out
+
+    def compressed(self, config: Any) -> tuple[Any, Any]:
+        """A deep copy of the model compressed with ``config`` from the shared statistics, and the result."""
+        return compressed_copy(self.model, config, self.stats)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
     """Lay out, write atomically as PNG, and close a matplotlib figure; return ``path``."""
     import matplotlib.pyplot as plt
 
@@ -217,6 +304,6 @@ def save_figure(fig: Any, path: Path) -> Path:
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path

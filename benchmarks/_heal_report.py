@@ -210,7 +210,7 @@ def _figure(state: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from _common import save_figure
+    from benchmarks._common import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 10))
     colours = plt.get_cmap("tab10").colors

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks._tables import DASH, load_text, ppl, save_figure, sig
+
 METHODS = ("k-svd", "eigen", "kq", "kq-sum", "mla")
 CONVENTIONS = (
     "R/d = cached dimensions kept per KV head (keys; values too unless 'K only'); KV B/token = bytes of "
@@ -25,10 +27,6 @@ MLA_NOTE = (
 )
 
 
-def _ppl(c: dict[str, Any], corpus: str = "wiki") -> float:
-    return c["perplexity"][corpus]["perplexity"]
-
-
 def _rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for k, c in p["configs"].items() if k != "baseline"]
 
@@ -46,13 +44,9 @@ def _find(p, kv, R, *, keys_only=False, value="wo-aware", rope="post", alloc="un
     return None
 
 
-def _f(x: float | None, digits: int = 4) -> str:
-    return "–" if x is None else f"{x:.{digits}g}"
-
-
 def _load(p: dict[str, Any]) -> str:
-    load = p.get("load_average_1min")
-    return "" if not load else f"1-min load average {load['start']} → {load['end']} (a shared machine); "
+    load = load_text(p)
+    return "" if load == DASH else f"1-min load average {load} (a shared machine); "
 
 
 def _root(x: float | None) -> float | None:
@@ -72,8 +66,8 @@ def _main_table(p: dict[str, Any]) -> str:
         "| R/d | keys | cached | rope | ranks | KV B/token | wiki ppl | shakespeare ppl | logit err | "
         "value err | ε |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| 1 (baseline) | – | K+V | – | – | {b_bytes:.0f} (1.00) | {_ppl(base):.3f} | "
-        f"{_ppl(base, 'shakespeare'):.3f} | 0 | 0 | – |",
+        f"| 1 (baseline) | – | K+V | – | – | {b_bytes:.0f} (1.00) | {ppl(base):.3f} | "
+        f"{ppl(base, 'shakespeare'):.3f} | 0 | 0 | – |",
     ]
     rows = sorted(
         _rows(p),
@@ -91,9 +85,9 @@ def _main_table(p: dict[str, Any]) -> str:
             f"| {c['rank_fraction']} | {c['kv_method']} | {_cached(c)} | {c['rope']} | "
             f"{c['rank_allocation']} | {c['kv_bytes_per_token']:.0f} "
             f"({c['kv_bytes_per_token'] / b_bytes:.2f}) "
-            f"| {_ppl(c):.3f} | {_ppl(c, 'shakespeare'):.3f} | "
-            f"{_f(_root(c['logit_error_calibration']), 3)} | "
-            f"{_f(_root(c['value_error_calibration']), 3)} | {_f(c['epsilon_gap_calibration'], 3)} |"
+            f"| {ppl(c):.3f} | {ppl(c, 'shakespeare'):.3f} | "
+            f"{sig(_root(c['logit_error_calibration']), 3)} | "
+            f"{sig(_root(c['value_error_calibration']), 3)} | {sig(c['epsilon_gap_calibration'], 3)} |"
         )
     return "\n".join(lines)
 
@@ -118,8 +112,8 @@ def _ordering_table(p: dict[str, Any]) -> str:
     Rs = sorted({c["rank_fraction"] for c in _rows(p)}, reverse=True)
     measures = (
         lambda c: _root(c["logit_error_calibration"]),
-        _ppl,
-        lambda c: _ppl(c, "shakespeare"),
+        ppl,
+        lambda c: ppl(c, "shakespeare"),
     )
     for R in Rs:
         for keys_only in (False, True):
@@ -153,7 +147,7 @@ def _pair_table(p: dict[str, Any], pairs, header: tuple[str, str]) -> str:
             continue
         cells = []
         for corpus in ("wiki", "shakespeare"):
-            x, y = _ppl(a, corpus), _ppl(b, corpus)
+            x, y = ppl(a, corpus), ppl(b, corpus)
             cells += [f"{x:.3f}", f"{y:.3f}", f"{100 * (y / x - 1):+.1f} %"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -188,9 +182,9 @@ def _family_table(p: dict[str, Any]) -> str:
         mla = [c for c in same if c["kv_method"] == "mla"]
         if not kvp and not mla:
             continue
-        best = min(kvp, key=_ppl) if kvp else None
+        best = min(kvp, key=ppl) if kvp else None
         cells = [
-            "–" if c is None else f"{c['key']}: {_ppl(c):.3f} / {_ppl(c, 'shakespeare'):.3f}"
+            "–" if c is None else f"{c['key']}: {ppl(c):.3f} / {ppl(c, 'shakespeare'):.3f}"
             for c in (best, mla[0] if mla else None)
         ]
         kvb = (best or mla[0])["kv_bytes_per_token"]
@@ -228,10 +222,10 @@ def markdown(p: dict[str, Any]) -> str:
         "",
         f"Model `{s['model']}`; attention Grams of the unchanged model collected once on "
         f"{p['calibration_tokens']:,} wiki calibration tokens ({s['calib_samples']} × {s['calib_seq_len']}, "
-        f"seed {s['seed']}, {_f(p.get('calibration_seconds'))} s) and reused by every configuration "
+        f"seed {s['seed']}, {sig(p.get('calibration_seconds'))} s) and reused by every configuration "
         f"(non-sequential). Perplexity on the first {s['windows']} wiki-test and {s['windows_shakespeare']} "
-        f"shakespeare windows of {s['eval_seq_len']} tokens. Baseline: wiki {_ppl(base):.3f}, shakespeare "
-        f"{_ppl(base, 'shakespeare'):.3f}, {base['kv_bytes_per_token']:.0f} KV bytes per token "
+        f"shakespeare windows of {s['eval_seq_len']} tokens. Baseline: wiki {ppl(base):.3f}, shakespeare "
+        f"{ppl(base, 'shakespeare'):.3f}, {base['kv_bytes_per_token']:.0f} KV bytes per token "
         f"({base['kv_cache_class']}).",
         "",
         f"Device {env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, git "
@@ -293,9 +287,9 @@ def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str:
     for label, cs in sorted(lines.items()):
         cs = sorted(cs, key=lambda c: c["kv_bytes_per_token"])
         style = "--" if cs[0]["keys_only"] else ":" if cs[0]["rope"] == "pre" else "-"
-        ax.plot([c["kv_bytes_per_token"] for c in cs], [_ppl(c) for c in cs], style, marker="o", label=label)
+        ax.plot([c["kv_bytes_per_token"] for c in cs], [ppl(c) for c in cs], style, marker="o", label=label)
     base = p["configs"]["baseline"]
-    ax.plot([base["kv_bytes_per_token"]], [_ppl(base)], "k*", markersize=14, label="baseline")
+    ax.plot([base["kv_bytes_per_token"]], [ppl(base)], "k*", markersize=14, label="baseline")
     ax.set_xlabel("KV-cache bytes per token (measured on the real cache)")
     ax.set_ylabel("wiki perplexity")
     ax.set_yscale("log")
@@ -303,7 +297,5 @@ def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     name = f"{stem}_perplexity.png"
-    fig.tight_layout()
-    fig.savefig(out_dir / name, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_dir / name)
     return name

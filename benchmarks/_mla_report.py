@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from benchmarks._tables import load_text, ppl
 
 SEED_ROWS = {  # the seed's Table 2, SmolLM-135M (not SmolLM2): compare ratios only
     "baseline": {"ppl": 19.45, "convert": None, "params_m": 134.52, "speed": 1.00},
@@ -19,10 +20,6 @@ VARIANTS = {  # key at the seed's setting -> label
 SELECTION_ORDER = ("2-norm", "high", "low", "uniform")
 RSVD_TOLERANCE = 0.01
 WHITEN_SHARE = 0.5
-
-
-def _ppl(c: dict[str, Any], corpus: str = "wiki") -> float:
-    return c["perplexity"][corpus]["perplexity"]
 
 
 def _variant(c: dict[str, Any]) -> str:
@@ -46,31 +43,31 @@ def convention(p: dict[str, Any]) -> str:
 def targets(p: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets at the seed's setting, on wiki perplexity; KV bytes on every row."""
     cfg, out = p["configs"], []
-    base = _ppl(cfg["baseline"])
+    base = ppl(cfg["baseline"])
     for mode in ("plain", "whiten"):
         exact, fast = cfg.get(f"svd/{mode}"), cfg.get(f"rsvd/{mode}")
         if exact and fast:
-            gap = _ppl(fast) / _ppl(exact) - 1.0
+            gap = ppl(fast) / ppl(exact) - 1.0
             out.append(
                 {
                     "name": f"rsvd_within_1pct_{mode}",
                     "text": f"rSVD within {RSVD_TOLERANCE:.0%} of exact SVD in wiki perplexity ({mode})",
-                    "svd": _ppl(exact),
-                    "rsvd": _ppl(fast),
+                    "svd": ppl(exact),
+                    "rsvd": ppl(fast),
                     "relative_gap": gap,
                     "status": "PASS" if abs(gap) <= RSVD_TOLERANCE else "FAIL",
                 }
             )
     plain, white = cfg.get("svd/plain"), cfg.get("svd/whiten")
     if plain and white:
-        share = (_ppl(white) - base) / (_ppl(plain) - base)
+        share = (ppl(white) - base) / (ppl(plain) - base)
         out.append(
             {
                 "name": "whiten_half_increase",
                 "text": "--whiten at most half the perplexity increase of the plain weight-SVD conversion",
                 "baseline": base,
-                "svd": _ppl(plain),
-                "svd_whiten": _ppl(white),
+                "svd": ppl(plain),
+                "svd_whiten": ppl(white),
                 "increase_share": share,
                 "status": "PASS" if share <= WHITEN_SHARE else "FAIL",
             }
@@ -111,10 +108,10 @@ def table2(p: dict[str, Any]) -> str:
                 f"{c['parameters'] / 1e6:.2f}",
                 f"{short['decode_ratio']:.2f}×" if short else "–",
                 f"{short['prefill_ratio']:.2f}×" if short else "–",
-                f"{_ppl(c):.2f}",
-                f"{_ppl(c) / _ppl(base):.3f}",
-                f"{_ppl(c, 'shakespeare'):.2f}",
-                f"{_ppl(c, 'shakespeare') / _ppl(base, 'shakespeare'):.3f}",
+                f"{ppl(c):.2f}",
+                f"{ppl(c) / ppl(base):.3f}",
+                f"{ppl(c, 'shakespeare'):.2f}",
+                f"{ppl(c, 'shakespeare') / ppl(base, 'shakespeare'):.3f}",
                 f"{c['kv_bytes_per_token']:.0f} / {c['kv_bytes_predicted']}",
                 f"{c['kv_bytes_per_token'] / base['kv_bytes_per_token']:.2%}",
                 f"{long['decode_tokens_per_s']:.1f}" if long else "–",
@@ -153,7 +150,7 @@ def seed_comparison(p: dict[str, Any]) -> str:
             (
                 VARIANTS[key],
                 f"{s['ppl'] / SEED_ROWS['baseline']['ppl']:.3f}",
-                f"{_ppl(c) / _ppl(cfg['baseline']):.3f}",
+                f"{ppl(c) / ppl(cfg['baseline']):.3f}",
                 f"{s['convert']:.2f}",
                 f"{c['conversion_seconds']:.2f}",
                 f"{s['speed']:.2f}×",
@@ -162,7 +159,7 @@ def seed_comparison(p: dict[str, Any]) -> str:
         )
     if "svd/plain" in cfg and "rsvd/plain" in cfg:
         seed_gap = SEED_ROWS["rsvd/plain"]["ppl"] / SEED_ROWS["svd/plain"]["ppl"]
-        ours = _ppl(cfg["rsvd/plain"]) / _ppl(cfg["svd/plain"])
+        ours = ppl(cfg["rsvd/plain"]) / ppl(cfg["svd/plain"])
         rows.append(("rSVD / SVD perplexity", f"{seed_gap:.4f}", f"{ours:.4f}", "–", "–", "–", "–"))
     headers = ("row", "seed ppl ratio", "ours", "seed convert s", "ours", "seed speed", "ours")
     return format_table(rows, headers)
@@ -185,10 +182,10 @@ def _sweep_table(p: dict[str, Any], rows: list[dict[str, Any]], first: str) -> s
                 f"{c['kv_fraction']:.4g}",
                 f"{c['kv_bytes_per_token']:.0f}",
                 "yes" if c["kv_bytes_exact"] else "NO",
-                f"{_ppl(c):.2f}",
-                f"{_ppl(c) / _ppl(base):.3f}",
-                f"{_ppl(c, 'shakespeare'):.2f}",
-                f"{_ppl(c, 'shakespeare') / _ppl(base, 'shakespeare'):.3f}",
+                f"{ppl(c):.2f}",
+                f"{ppl(c) / ppl(base):.3f}",
+                f"{ppl(c, 'shakespeare'):.2f}",
+                f"{ppl(c, 'shakespeare') / ppl(base, 'shakespeare'):.3f}",
                 f"{c['mean_relative_loss']:.4f}",
                 f"{c['conversion_seconds']:.2f}",
             )
@@ -222,7 +219,7 @@ def best_per_fraction(p: dict[str, Any]) -> str:
     base = p["configs"]["baseline"]
     rows = []
     for f in sorted(groups, reverse=True):
-        c = min(groups[f], key=_ppl)
+        c = min(groups[f], key=ppl)
         setting = f"{c['latent']}, {c['rope_selection']}, rope_dim {c['rope_dim']}, kv_rank {c['kv_rank']}"
         rows.append(
             (
@@ -230,8 +227,8 @@ def best_per_fraction(p: dict[str, Any]) -> str:
                 len(groups[f]),
                 _variant(c),
                 setting,
-                f"{_ppl(c):.2f}",
-                f"{_ppl(c) / _ppl(base):.3f}",
+                f"{ppl(c):.2f}",
+                f"{ppl(c) / ppl(base):.3f}",
             )
         )
     return format_table(
@@ -285,7 +282,7 @@ def _speed_text(p: dict[str, Any]) -> str:
 def markdown(p: dict[str, Any]) -> str:
     """The results page: Table 2, the targets, then the sweeps."""
     s, env = p["settings"], p["env"]
-    load = "; ".join(f"{x['start']} → {x['end']}" for x in p["load_average_1min"]) or "–"
+    load = load_text(p)
     thr = p.get("throughput") or {}
     conv = convention(p)
     reps = next(iter(thr.values()))["models"]["baseline"]["repeats"] if thr else 0
@@ -418,63 +415,3 @@ def _cached(thr: dict[str, Any]) -> str:
 def _workload(thr: dict[str, Any], name: str) -> str:
     w = thr.get(name)
     return f"{w['prompt_len']}-token" if w else "–"
-
-
-def figure(p: dict[str, Any], out_dir: Path, stem: str) -> str | None:
-    """Wiki perplexity against KV bytes per token, one line per variant; returns the file name."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    base = p["configs"]["baseline"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in VARIANTS.values():
-        rows = [
-            c
-            for c in _sweep_rows(p, rope_dim=8, rope_selection="2-norm", latent="joint")
-            if _variant(c) == label and c["kv_fraction"] < 1
-        ]
-        rows.sort(key=lambda c: c["kv_bytes_per_token"])
-        if rows:
-            ax.plot([c["kv_bytes_per_token"] for c in rows], [_ppl(c) for c in rows], "o-", label=label)
-    others = [
-        c
-        for c in _sweep_rows(p)
-        if (c["rope_dim"], c["rope_selection"], c["latent"]) != (8, "2-norm", "joint")
-    ]
-    for whiten, marker in ((False, "x"), (True, "+")):
-        pts = [c for c in others if c["whiten"] == whiten]
-        if pts:
-            ax.plot(
-                [c["kv_bytes_per_token"] for c in pts],
-                [_ppl(c) for c in pts],
-                marker,
-                color="gray",
-                label=f"{_variant(pts[0])}, other rope_dim / selection / split (31.25 %)",
-            )
-    full = [c for c in _sweep_rows(p, rope_dim=8, rope_selection="2-norm") if c["kv_fraction"] >= 1]
-    if full:
-        ax.plot(
-            [c["kv_bytes_per_token"] for c in full],
-            [_ppl(c) for c in full],
-            "s",
-            color="purple",
-            label="partial RoPE alone (rope_dim 8, full latent rank)",
-        )
-    ax.plot([base["kv_bytes_per_token"]], [_ppl(base)], "k*", markersize=12, label="baseline")
-    ax.axhline(_ppl(base), color="k", linestyle=":", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="KV-cache bytes per token (float32, measured)",
-        ylabel=f"wiki perplexity ({p['settings']['windows']} × 512 tokens)",
-        title=f"MHA → MLA on {p['settings']['model']}: 2-norm RoPE, rope_dim 8, joint latent",
-    )
-    ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    name = f"{stem}_ppl_vs_kv_bytes.png"
-    fig.savefig(out_dir / name, dpi=120)
-    plt.close(fig)
-    return name

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any
+
+from benchmarks._tables import load_text, ppl, sig
 
 RATIO_NOTE = (
     "`ratio` = fraction of the targeted decoder linear-layer parameters REMOVED (SVD-LLM convention); "
@@ -43,10 +43,6 @@ def _rows(p: dict[str, Any], group: str) -> list[dict[str, Any]]:
     return [c for c in p["configs"].values() if c.get("group") == group]
 
 
-def _ppl(c: dict[str, Any], corpus: str = "wiki") -> float:
-    return c["perplexity"][corpus]["perplexity"]
-
-
 def _find(p, group, method, dec, *, ratio=None, keep=None):
     for c in _rows(p, group):
         if (c["method"], c["decomposer_label"], c["ratio"], c["keep_singular_fraction"]) == (
@@ -71,7 +67,7 @@ def targets(p: dict[str, Any]) -> list[dict[str, Any]]:
             got = {m: _find(p, "grid", m, dec, ratio=ratio) for m in ("svd", "svd-llm", "svd-llm-v2")}
             if any(v is None for v in got.values()):
                 continue
-            v2, v1, plain = (_ppl(got[m]) for m in ("svd-llm-v2", "svd-llm", "svd"))
+            v2, v1, plain = (ppl(got[m]) for m in ("svd-llm-v2", "svd-llm", "svd"))
             ok = v2 < (1.0 - TIE) * v1 and plain >= MUCH_WORSE * v1
             cell = {
                 "decomposer": dec,
@@ -100,25 +96,23 @@ def targets(p: dict[str, Any]) -> list[dict[str, Any]]:
         fast = _find(p, "grid", method, "rsvd(20,4)", ratio=0.2)
         if exact is None or fast is None:
             continue
-        rel = _ppl(fast) / _ppl(exact) - 1.0
+        rel = ppl(fast) / ppl(exact) - 1.0
         out.append(
             {
                 "name": f"rsvd20_4_{method}",
                 "text": f"{method}: rSVD(20,4) wiki ppl within {RSVD_TOLERANCE:.0%} of exact SVD "
                 "at ratio 0.2",
                 "status": "PASS" if rel <= RSVD_TOLERANCE else "FAIL",
-                "exact": _ppl(exact),
-                "rsvd": _ppl(fast),
+                "exact": ppl(exact),
+                "rsvd": ppl(fast),
                 "relative_gap": rel,
             }
         )
     return out
 
 
-def _fmt(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3g}"
+def _num(x: float | None) -> str:
+    return sig(x, large=1e5)
 
 
 def _config_table(p: dict[str, Any], group: str, x_name: str) -> str:
@@ -139,10 +133,10 @@ def _config_table(p: dict[str, Any], group: str, x_name: str) -> str:
                 round(c["keep_singular_fraction_achieved"], 4),
                 round(c["parameters_retained"], 4),
                 c["dense_kept"],
-                _fmt(_ppl(c)),
-                f"{_ppl(c) / orig['wiki']['perplexity']:.3g}",
-                _fmt(_ppl(c, "shakespeare")),
-                f"{_ppl(c, 'shakespeare') / orig['shakespeare']['perplexity']:.3g}",
+                _num(ppl(c)),
+                f"{ppl(c) / orig['wiki']['perplexity']:.3g}",
+                _num(ppl(c, "shakespeare")),
+                f"{ppl(c, 'shakespeare') / orig['shakespeare']['perplexity']:.3g}",
                 round(c["time_total_s"], 2),
                 round(c["time_decomposition_s"], 2),
                 c["fallbacks"] + sum(c["decomposer_fallbacks"].values()),
@@ -220,11 +214,11 @@ def _targets_text(p: dict[str, Any]) -> str:
             for c in t["failed"]:
                 lines.append(
                     f"  * fails at ratio {c['ratio']}, {c['decomposer']}: "
-                    f"svd-llm-v2 {_fmt(c['svd-llm-v2'])}, svd-llm {_fmt(c['svd-llm'])}, svd {_fmt(c['svd'])}"
+                    f"svd-llm-v2 {_num(c['svd-llm-v2'])}, svd-llm {_num(c['svd-llm'])}, svd {_num(c['svd'])}"
                 )
         else:
             lines.append(
-                f"* **{t['status']}** — {t['text']}: exact {_fmt(t['exact'])}, rSVD(20,4) {_fmt(t['rsvd'])} "
+                f"* **{t['status']}** — {t['text']}: exact {_num(t['exact'])}, rSVD(20,4) {_num(t['rsvd'])} "
                 f"({t['relative_gap']:+.2%})."
             )
         if t["status"] == "FAIL" and t["name"] in FAIL_NOTES:
@@ -236,7 +230,6 @@ def markdown(p: dict[str, Any]) -> str:
     """The results page: settings, conventions, one table per study, the targets."""
     s, env, cfg = p["settings"], p["env"], p["configs"]
     orig = cfg["original"]["perplexity"]
-    load = p["load_average_1min"]
     gram_s = p["gram_collection_seconds"]
     gram_note = f"collected in {gram_s} s" if gram_s else "collection time not recorded by the last run"
     head = (
@@ -249,8 +242,8 @@ def markdown(p: dict[str, Any]) -> str:
         f"{s['eval_seq_len']} tokens (non-overlapping, every predicted token counted). Original model: "
         f"wiki {orig['wiki']['perplexity']:.4f}, shakespeare {orig['shakespeare']['perplexity']:.4f} on "
         f"the same windows. {env['device_name']}, torch {env['torch']}, transformers "
-        f"{env['transformers']}, git {env['git_sha']}; 1-min load average {load['start']} → "
-        f"{load['end']} (the machine was shared: times and speeds are indicative)."
+        f"{env['transformers']}, git {env['git_sha']}; 1-min load average {load_text(p)} "
+        "(the machine was shared: times and speeds are indicative)."
     )
     parts = [
         "# Compression quality on the built-in model (CPU)",
@@ -306,10 +299,10 @@ def _allocation_table(p: dict[str, Any]) -> str:
                 c["allocation"],
                 c["ratio"],
                 round(c["ratio_params_removed"], 4),
-                _fmt(c["relative_loss_homogeneous"]) if c["allocation"] != "uniform" else "–",
-                _fmt(c["relative_loss_allocated"]) if c["allocation"] != "uniform" else "–",
-                _fmt(_ppl(c)),
-                _fmt(_ppl(c, "shakespeare")),
+                _num(c["relative_loss_homogeneous"]) if c["allocation"] != "uniform" else "–",
+                _num(c["relative_loss_allocated"]) if c["allocation"] != "uniform" else "–",
+                _num(ppl(c)),
+                _num(ppl(c, "shakespeare")),
             )
         )
     rows.sort(key=lambda r: (r[1], r[0]))
@@ -339,135 +332,14 @@ def _sequential_table(p: dict[str, Any]) -> str:
                         c["decomposer_label"],
                         c["ratio"],
                         label,
-                        _fmt(_ppl(r)),
-                        _fmt(_ppl(r, "shakespeare")),
+                        _num(ppl(r)),
+                        _num(ppl(r, "shakespeare")),
                         round(r["time_total_s"], 1),
                     )
                 )
     return format_table(
         rows, ("method", "decomposer", "ratio", "calibration", "wiki ppl", "shakespeare ppl", "compress s")
     )
-
-
-def _series(p, group, method, dec, key):
-    pts = []
-    for c in _rows(p, group):
-        if c["method"] == method and c["decomposer_label"] == dec:
-            x = c["ratio"] if c["ratio"] is not None else c["keep_singular_fraction"]
-            pts.append((x, key(c)))
-    return sorted(pts)
-
-
-def _lines(ax, p, group, key, methods, decs) -> None:
-    styles = {"svd": "-", "rsvd(10,2)": "--", "rsvd(20,4)": ":"}
-    colours = {"svd": "tab:red", "svd-llm": "tab:blue", "svd-llm-v2": "tab:green"}
-    for method in methods:
-        for dec in decs:
-            pts = _series(p, group, method, dec, key)
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(
-                    xs,
-                    ys,
-                    styles.get(dec, "-"),
-                    marker="o",
-                    ms=3,
-                    color=colours[method],
-                    label=f"{method} {dec}",
-                )
-
-
-def figures(p: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
-    """The seed paper's four figures (plus the ratio-removed grid); returns the file names written."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    grid_methods = sorted({c["method"] for c in _rows(p, "grid")})
-    decs = [
-        d
-        for d in ("svd", "rsvd(10,2)", "rsvd(20,4)")
-        if any(c["decomposer_label"] == d for c in p["configs"].values() if "decomposer_label" in c)
-    ]
-    orig = p["configs"]["original"]["perplexity"]
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{stem}_{name}.png", dpi=120)
-        plt.close(fig)
-        written.append(f"{stem}_{name}.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, group, xlabel in (
-        (axes[0], "grid", "ratio (fraction of linear parameters removed)"),
-        (axes[1], "r_sweep", "r (fraction of singular values kept)"),
-    ):
-        _lines(ax, p, group, lambda c: c["parameters_retained"], ["svd-llm"], ["svd"])
-        _lines(ax, p, group, lambda c: c["linear_parameters_retained"], ["svd-llm-v2"], ["svd"])
-        ax.set(xlabel=xlabel, ylabel="fraction retained", title="parameters retained")
-        ax.legend(["whole model", "targeted linear layers"], fontsize=8)
-    save(fig, "params")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, group, xlabel in ((axes[0], "grid", "ratio removed"), (axes[1], "r_sweep", "r kept")):
-        methods = ["svd-llm", "svd-llm-v2", "svd"] if group == "grid" else ["svd-llm"]
-        _lines(
-            ax,
-            p,
-            group,
-            lambda c: c["time_total_s"],
-            [m for m in methods if m in grid_methods or group != "grid"],
-            decs,
-        )
-        ax.set(
-            xlabel=xlabel,
-            ylabel="seconds (non-sequential, shared Grams)",
-            title="compression time: SVD vs rSVD",
-        )
-        ax.legend(fontsize=7)
-    save(fig, "time")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    base = [
-        p["configs"][k]["throughput"]
-        for k in ("original", "original_end")
-        if "throughput" in p["configs"].get(k, {})
-    ]
-    for ax, key in ((axes[0], "prefill_tokens_per_s"), (axes[1], "decode_tokens_per_s")):
-        pts = sorted((c["ratio"], c["throughput"][key]) for c in _rows(p, "grid") if "throughput" in c)
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, "o-", color="tab:green", label="svd-llm-v2 svd")
-        for b in base:
-            ax.axhline(b[key], color="k", lw=0.8, ls="--")
-        ax.set(xlabel="ratio removed", ylabel="tokens/s (CPU, batch 1)", title=key.replace("_", " "))
-        ax.legend(["compressed", "original (start/end)"], fontsize=8)
-    save(fig, "throughput")
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (
-        (axes[0], "grid", "wiki", "ratio removed"),
-        (axes[1], "grid", "shakespeare", "ratio removed"),
-        (axes[2], "r_sweep", "wiki", "r kept"),
-    )
-    for ax, group, corpus, xlabel in panels:
-        _lines(
-            ax,
-            p,
-            group,
-            lambda c, corpus=corpus: _ppl(c, corpus),
-            grid_methods if group == "grid" else ["svd-llm"],
-            decs,
-        )
-        ax.axhline(orig[corpus]["perplexity"], color="k", lw=0.8, ls="--", label="original")
-        ax.set(xlabel=xlabel, ylabel=f"{corpus} perplexity (log)", yscale="log", title=f"{corpus} perplexity")
-        ax.legend(fontsize=6)
-    save(fig, "perplexity")
-    return written
 
 
 def _missing_text(p: dict[str, Any]) -> str:

@@ -129,7 +129,7 @@ def _figure(points: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.ticker
     except ImportError:
         return None
-    from _common import save_figure
+    from benchmarks._common import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     series: dict[str, list[dict[str, Any]]] = {}

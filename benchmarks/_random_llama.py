@@ -36,6 +36,16 @@ SHAPES: dict[str, dict[str, Any]] = {
 FULL_SHAPE, FULL_LAYERS = "llama2-7b", 32
 
 
+def add_arguments(parser: Any, seeded: str) -> None:
+    """The random model's flags: ``--shape``, ``--layers``, ``--dtype``, ``--init-std`` and ``--seed`` (of
+    the weights and ``seeded``)."""
+    parser.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
+    parser.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of the weights and {seeded}")
+
+
 def describe(shape: dict[str, Any]) -> str:
     """``hidden 4096 / MLP 11008 / 32 heads / 32 KV heads / vocab 32000``."""
     return (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from _random_llama import describe
-
+from benchmarks._random_llama import describe
+from benchmarks._tables import gib, load_text
 from lowrank.cli._common import format_table
 
 STAGES = ("calibration_forward", "gram_accumulation", "whitening", "decomposition", "other")
@@ -47,10 +47,6 @@ def projection(payload: dict[str, Any], full_layers: int, full_tokens: int) -> d
     return out
 
 
-def _gib(n: int | None) -> str:
-    return "n/a (CPU)" if n is None else f"{n / 2**30:.2f}"
-
-
 def _run_rows(runs: dict[str, Any]) -> list[tuple]:
     rows = []
     for name, r in runs.items():
@@ -60,7 +56,7 @@ def _run_rows(runs: dict[str, Any]) -> list[tuple]:
                 name,
                 t["total"],
                 *(t.get(k, 0.0) for k in STAGES),
-                _gib(r["peak_accelerator_bytes"]),
+                gib(r["peak_accelerator_bytes"], none="n/a (CPU)"),
                 r["ratio_params_removed"],
                 r["fallbacks"],
                 f"{r['truncation_loss_sum']:.4g}",
@@ -137,9 +133,8 @@ def markdown(p: dict[str, Any]) -> str:
         f"{'on' if s['tf32_used'] else 'off'}, rSVD oversample {s['oversample']}, power iterations "
         f"{s['power_iters']}, batch {s['batch_size']}, activations offloaded to {s['offload_device']}.",
         f"torch {env['torch']}, transformers {env['transformers']}, git {env['git_sha']}; "
-        f"{p['torch_threads']} torch threads; 1-min load average {p['load_average_1min_start']} at start, "
-        f"{p.get('load_average_1min_end')} at end"
-        + (f"; script wall time {p['wall_seconds']:.0f} s." if "wall_seconds" in p else "."),
+        f"{p['torch_threads']} torch threads; 1-min load average {load_text(p)} (start → end of each "
+        f"invocation); script wall time {p['wall_seconds']:.0f} s.",
         "## Measured time breakdown (seconds, whole run)",
         format_table(
             _run_rows(p["runs"]),
@@ -167,7 +162,7 @@ def markdown(p: dict[str, Any]) -> str:
     if p["reduced"]:
         out.append(
             "This run is reduced (fewer layers, calibration tokens or a smaller shape; the projection above "
-            "scales it); the full-size measurement is `python benchmarks/compress_scale.py --device cuda` "
+            "scales it); the full-size measurement is `python -m benchmarks.compress_scale --device cuda` "
             "(Llama-2-7B shape, 32 layers, 256 × 2048 tokens)."
         )
     return "\n\n".join(out) + "\n"

@@ -1,9 +1,9 @@
 """Scale: SVD-LLM on a Llama-2-7B-shaped random model, exact SVD vs randomized SVD in one run.
 
-    python benchmarks/compress_scale.py --device cuda          # 32 layers, 256 × 2048 tokens, one GPU
-    python benchmarks/compress_scale.py --device cpu --layers 1 --calib-samples 24 --seq-len 512
-    python benchmarks/compress_scale.py --device cpu --shape smoke --layers 2 --calib-samples 4 \
-        --seq-len 128 --results-dir /tmp/scale_smoke          # checks the script in seconds
+    python -m benchmarks.compress_scale --device cuda          # 32 layers, 256 × 2048 tokens, one GPU
+    python -m benchmarks.compress_scale --device cpu --layers 1 --calib-samples 24 --calib-seq-len 512
+    python -m benchmarks.compress_scale --device cpu --shape smoke --layers 2 --calib-samples 4 \
+        --calib-seq-len 128 --results-dir /tmp/scale_smoke          # checks the script in seconds
 
 The model has Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 32 KV heads, vocab 32000; ``--shape
 smoke``: a tiny one of the same structure) and Gaussian weights (std ``--init-std``, norms at 1): flat
@@ -24,36 +24,27 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
-from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, device_tag  # noqa: E402
-from _scale_report import markdown, per_layer, projection  # noqa: E402
+from benchmarks._random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, add_arguments, build_model, device_tag
+from benchmarks._scale_report import markdown, per_layer, projection
+from benchmarks._sweep import Sweep, calibration_config, parser, settings
 
 FULL_SAMPLES, FULL_SEQ = 256, 2048
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="compute device (default: cuda)")
-    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
-    p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
-    p.add_argument("--calib-samples", type=int, default=FULL_SAMPLES, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=FULL_SEQ, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward chunk")
+    calibration = {"samples": FULL_SAMPLES, "seq_len": FULL_SEQ, "batch_size": 8, "stat_dtype": "float32"}
+    p = parser(__doc__, None, device="cuda", model=None, calibration={**calibration, "offload_device": "cpu"})
+    add_arguments(p, "calibration tokens")
     p.add_argument("--method", default="svd-llm", choices=("svd-llm", "svd-llm-v2"))
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear parameters REMOVED")
     p.add_argument("--decomposers", default="svd,rsvd", help="comma-separated, run in this order")
     p.add_argument("--oversample", type=int, default=10, help="rsvd oversampling p")
     p.add_argument("--power-iters", type=int, default=2, help="rsvd power iterations q")
-    p.add_argument("--gram-dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "float64"))
     p.add_argument(
         "--tf32",
@@ -61,14 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="allow TF32 in float32 matrix products on CUDA (Gram accumulation, rSVD sketches; default on)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--offload-device", default="cpu", help="where activations wait between layers")
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and calibration tokens")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="time kernels")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--name", default=None, help="results name (default: compress_scale_<device>)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the results are written")
     return p
 
 
@@ -92,13 +76,7 @@ def method_config(args: argparse.Namespace, decomposer: str):
                 "power_iters": args.power_iters,
                 "seed": args.seed,
             },
-            "calibration": {
-                "samples": args.calib_samples,
-                "seq_len": args.seq_len,
-                "batch_size": args.batch_size,
-                "stat_dtype": args.gram_dtype,
-                "offload_device": args.offload_device,
-            },
+            "calibration": calibration_config(args),
             "compute_dtype": args.compute_dtype,
         }
     )
@@ -153,7 +131,7 @@ def time_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Seconds of one truncated decomposition per shape of a layer (Gaussian input, ``compute_dtype``)."""
     import torch
 
-    from lowrank.benchmarking._timing import sync
+    from benchmarks._timing import sync
     from lowrank.linalg import get_decomposer
     from lowrank.linalg.allocation import rank_for_ratio
 
@@ -201,56 +179,51 @@ def warm_up(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    started = time.perf_counter()
+    args.out_name = args.out_name or f"compress_scale_{device_tag(args.device)}"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     tf32 = args.device == "cuda" and args.tf32
+    kept = {
+        "batch_size": "calib_batch_size",
+        "gram_dtype": "calib_stat_dtype",
+        "offload_device": "calib_offload_device",
+    }
+    named = {k: getattr(args, v) for k, v in kept.items()}  # the report's names
+    sweep = Sweep(args, "compress_scale", {**settings(args), **named, "tf32_used": tf32}, device=args.device)
     dtype = getattr(torch, args.dtype)
     shape = SHAPES[args.shape]
-    tokens = calibration_tokens(args.calib_samples, args.seq_len, shape["vocab_size"], args.seed)
-    name = args.name or f"compress_scale_{device_tag(args.device)}"
-    env = env_info(args.device)
-    size = (args.shape, args.layers, args.calib_samples, args.seq_len)
-    reduced = size != (FULL_SHAPE, FULL_LAYERS, FULL_SAMPLES, FULL_SEQ)
+    tokens = calibration_tokens(args.calib_samples, args.calib_seq_len, shape["vocab_size"], args.seed)
+    size = (args.shape, args.layers, args.calib_samples, args.calib_seq_len)
     warm_up(args.device)
+
+    def compress(spec: dict[str, Any]) -> dict[str, Any]:
+        print(f"[{spec['key']}] compressing {args.layers} layer(s) with {tokens.numel()} calibration tokens")
+        return compress_once(args, spec["key"], tokens, dtype)
+
+    sweep.run([{"key": d} for d in args.decomposers.split(",")], compress, lambda r: str(r["timings"]))
+    if args.kernels:
+        sweep.once("kernels", lambda: time_kernels(args))
+    runs = sweep.rows
     payload: dict[str, Any] = {
-        "benchmark": "compress_scale",
-        "reduced": reduced,
+        "reduced": size != (FULL_SHAPE, FULL_LAYERS, FULL_SAMPLES, FULL_SEQ),
         "model": {"shape": args.shape, **shape, "num_hidden_layers": args.layers, "dtype": args.dtype},
         "init": f"Gaussian N(0, {args.init_std}²) for every weight matrix and embedding, RMSNorm weights 1",
-        "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len, "tokens": tokens.numel()},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("name", "results_dir")}
-        | {"tf32_used": tf32},
+        "calibration": {
+            "samples": args.calib_samples,
+            "seq_len": args.calib_seq_len,
+            "tokens": tokens.numel(),
+        },
         "ratio_convention": "ratio = fraction of targeted linear-layer parameters removed (SVD-LLM)",
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min_start": round(os.getloadavg()[0], 2),
-        "runs": {},
-        "env": env,
+        "runs": runs,
+        **({"kernels": sweep.state["kernels"]} if "kernels" in sweep.state else {}),
     }
-    for decomposer in args.decomposers.split(","):
-        print(f"[{decomposer}] compressing {args.layers} layer(s) with {tokens.numel()} calibration tokens")
-        payload["runs"][decomposer] = compress_once(args, decomposer, tokens, dtype)
-        print(f"[{decomposer}] {payload['runs'][decomposer]['timings']}")
-        _finish(payload, args, name, started, final=False)
-    if args.kernels:
-        print("timing decomposition kernels")
-        payload["kernels"] = time_kernels(args)
-    return _finish(payload, args, name, started, final=True)
-
-
-def _finish(
-    payload: dict[str, Any], args: argparse.Namespace, name: str, started: float, *, final: bool
-) -> int:
-    runs = payload["runs"]
     if "svd" in runs and "rsvd" in runs:
         svd, rsvd = runs["svd"]["timings"], runs["rsvd"]["timings"]
         payload["speedup_exact_over_rsvd"] = {
@@ -258,28 +231,10 @@ def _finish(
             "decomposition": round(svd["decomposition"] / max(rsvd["decomposition"], 1e-9), 3),
         }
     payload["projection"] = projection(payload, FULL_LAYERS, FULL_SAMPLES * FULL_SEQ)
-    payload["load_average_1min_end"] = round(os.getloadavg()[0], 2)
-    payload["wall_seconds"] = round(time.perf_counter() - started, 1)
-    text = markdown(payload)
-    write_results(name, payload, text, args.results_dir)
-    if not final:
-        return 0
-    print(text)
-    env = payload["env"]
     fields = {f"total_s_{k}": r["timings"]["total"] for k, r in runs.items()}
-    print(
-        final_line(
-            benchmark="compress_scale",
-            device=env["device_name"],
-            torch=env["torch"],
-            git_sha=env["git_sha"],
-            layers=args.layers,
-            tokens=payload["calibration"]["tokens"],
-            **fields,
-            speedup=payload.get("speedup_exact_over_rsvd", {}).get("total"),
-        )
-    )
-    return 0
+    speedup = payload.get("speedup_exact_over_rsvd", {}).get("total")
+    final = {"layers": args.layers, "tokens": tokens.numel(), **fields, "speedup": speedup}
+    return sweep.finish(payload, markdown, final=lambda p: final)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Inference speed of weight-factorized models: a Llama-2-7B-shaped random model with 0/20/40/60 % of its
 linear parameters removed, prefill and decode at batch 1 and 16, interleaved with the original.
 
-    python benchmarks/factorized_speed.py --device cuda        # bf16, 32 layers, prompt 512, 32 decoded
-    python benchmarks/factorized_speed.py --device cpu --shape smoke --layers 2 --batch-sizes 1 2 \\
+    python -m benchmarks.factorized_speed --device cuda        # bf16, 32 layers, prompt 512, 32 decoded
+    python -m benchmarks.factorized_speed --device cpu --shape smoke --layers 2 --batch-sizes 1 2 \\
         --prompt-len 32 --gen-len 4 --repeats 1 --results-dir /tmp/speed_smoke    # a smoke test
 
 Each factorized model has the modules ``lowrank.compress`` builds with ``svd`` or ``svd-llm`` at that
@@ -26,23 +26,23 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
-from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag  # noqa: E402
+from benchmarks._random_llama import (
+    SHAPES,
+    add_arguments,
+    build_model,
+    describe,
+    device_tag,
+)
+from benchmarks._sweep import Sweep, parser, settings
 
 RATIO = "ratio = fraction of targeted linear-layer parameters REMOVED (SVD-LLM convention)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="compute device (default: cuda)")
-    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
-    p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p = parser(__doc__, None, device="cuda", model=None)
+    add_arguments(p, "prompts")
     p.add_argument(
         "--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="fractions of params REMOVED"
     )
@@ -50,10 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (512)")
     p.add_argument("--gen-len", type=int, default=32, help="decoded tokens per sequence (32)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (3)")
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the results are written")
     return p
 
 
@@ -108,21 +104,23 @@ def pays_off(rows: dict[str, dict[str, Any]], key: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    started = time.perf_counter()
-
+    args.out_name = args.out_name or f"factorized_speed_{device_tag(args.device)}"
     import torch
 
-    from lowrank.evaluation import paired_throughput
     from lowrank.nn.attention_layout import attention_implementation
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    sweep = Sweep(args, "factorized_speed", settings(args), device=args.device)
     t0 = time.perf_counter()
     original = build_model(
-        args.shape, args.layers, dtype, args.init_std, args.seed, args.device, device=args.device
+        args.shape,
+        args.layers,
+        getattr(torch, args.dtype),
+        args.init_std,
+        args.seed,
+        args.device,
+        device=args.device,
     )
     models, variants = {"original": original}, {"original": {"ratio": None}}
     for ratio in args.ratios:
@@ -133,47 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         variants[name]["weight_bytes"] = _weight_bytes(model)
     build_s = round(time.perf_counter() - t0, 1)
     print(f"built {len(models)} models in {build_s} s", flush=True)
-
-    results: dict[str, Any] = {}
-    for batch in args.batch_sizes:
-        t0 = time.perf_counter()
-        res = paired_throughput(
-            models,
-            repeats=args.repeats,
-            progress=False,
-            batch_size=batch,
-            prompt_len=args.prompt_len,
-            gen_len=args.gen_len,
-            seed=args.seed,
-        )
-        base = res["original"]
-        results[f"batch{batch}"] = {
-            "seconds": round(time.perf_counter() - t0, 1),
-            "models": {
-                name: {
-                    **r.to_dict(),
-                    "ratio": variants[name]["ratio"],
-                    "prefill_vs_original": r.prefill_tokens_per_s / base.prefill_tokens_per_s,
-                    "decode_vs_original": r.decode_tokens_per_s / base.decode_tokens_per_s,
-                }
-                for name, r in res.items()
-            },
-        }
-        print(
-            f"batch {batch}: "
-            + ", ".join(
-                f"{n} prefill ×{m['prefill_vs_original']:.3f} decode ×{m['decode_vs_original']:.3f}"
-                for n, m in results[f"batch{batch}"]["models"].items()
-            ),
-            flush=True,
-        )
-    for res in results.values():
-        rows = res["models"]
-        res["pays_off"] = {phase: pays_off(rows, f"{phase}_vs_original") for phase in ("prefill", "decode")}
-
-    env = env_info(args.device)
+    plan = [{"key": f"batch{batch}", "batch": batch} for batch in args.batch_sizes]
+    sweep.run(plan, lambda spec: _speed(args, models, variants, spec["batch"]), _describe)
     payload = {
-        "benchmark": "factorized_speed",
         "model": {
             "shape": args.shape,
             **SHAPES[args.shape],
@@ -181,39 +141,62 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "attn_implementation": attention_implementation(original.config),
         },
-        "conventions": {
-            "ratio": RATIO,
-            "vs_original": "tokens/s over the original's in the same interleaved run (above 1: faster)",
-            "factors": "random values, shapes and ranks as lowrank.compress gives with svd/svd-llm at the "
-            "ratio (uniform ranks); at ratio 0 the break-even rank floor(mn/(m+n))",
-            "peak_memory_bytes": "torch.cuda.max_memory_allocated over a model's runs: every model's weights "
-            "are resident, so it is the device's peak, not one model's",
-        },
+        "conventions": CONVENTIONS,
         "workload": {"prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeats": args.repeats},
         "variants": variants,
         "build_seconds": build_s,
-        "results": results,
-        "settings": {k: v for k, v in vars(args).items() if k != "results_dir"},
-        "env": env,
-        "torch_threads": torch.get_num_threads(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": sweep.rows,
     }
-    text = markdown(payload)
-    write_results(f"factorized_speed_{device_tag(args.device)}", payload, text, args.results_dir)
-    print(text)
-    print(
-        final_line(
-            benchmark="factorized_speed",
-            device=env["device_name"],
-            torch=env["torch"],
-            git_sha=env["git_sha"],
-            decode_vs_original={
-                batch: {n: round(m["decode_vs_original"], 3) for n, m in r["models"].items()}
-                for batch, r in results.items()
-            },
-        )
+    decode = {
+        b: {n: round(m["decode_vs_original"], 3) for n, m in r["models"].items()}
+        for b, r in sweep.rows.items()
+    }
+    return sweep.finish(payload, markdown, final=lambda p: {"decode_vs_original": decode})
+
+
+CONVENTIONS = {
+    "ratio": RATIO,
+    "vs_original": "tokens/s over the original's in the same interleaved run (above 1: faster)",
+    "factors": "random values, shapes and ranks as lowrank.compress gives with svd/svd-llm at the "
+    "ratio (uniform ranks); at ratio 0 the break-even rank floor(mn/(m+n))",
+    "peak_memory_bytes": "torch.cuda.max_memory_allocated over a model's runs: every model's weights "
+    "are resident, so it is the device's peak, not one model's",
+}
+
+
+def _speed(args: argparse.Namespace, models: dict[str, Any], variants: dict[str, Any], batch: int) -> dict:
+    """Every model's prefill and decode speed at ``batch``, interleaved, with ratios to the original."""
+    from lowrank.evaluation import paired_throughput
+
+    t0 = time.perf_counter()
+    res = paired_throughput(
+        models,
+        repeats=args.repeats,
+        progress=False,
+        batch_size=batch,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        seed=args.seed,
     )
-    return 0
+    base = res["original"]
+    rows = {
+        name: {
+            **r.to_dict(),
+            "ratio": variants[name]["ratio"],
+            "prefill_vs_original": r.prefill_tokens_per_s / base.prefill_tokens_per_s,
+            "decode_vs_original": r.decode_tokens_per_s / base.decode_tokens_per_s,
+        }
+        for name, r in res.items()
+    }
+    pays = {phase: pays_off(rows, f"{phase}_vs_original") for phase in ("prefill", "decode")}
+    return {"seconds": round(time.perf_counter() - t0, 1), "models": rows, "pays_off": pays}
+
+
+def _describe(row: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{n} prefill ×{m['prefill_vs_original']:.3f} decode ×{m['decode_vs_original']:.3f}"
+        for n, m in row["models"].items()
+    )
 
 
 def markdown(p: dict[str, Any]) -> str:

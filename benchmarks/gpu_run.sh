@@ -76,7 +76,7 @@ fi
 
 if [[ $SMALL == 1 ]]; then
     DEVICE=cpu  # one torch thread: on a small shared CPU, more threads than idle cores stall LAPACK
-    SCALE=(--threads 1 --shape smoke --layers 2 --calib-samples 4 --seq-len 128)
+    SCALE=(--threads 1 --shape smoke --layers 2 --calib-samples 4 --calib-seq-len 128)
     SPEED=(--threads 1 --shape smoke --layers 2 --batch-sizes 1 2 --prompt-len 32 --gen-len 4 --repeats 1)
     KV=(--threads 1 --shape smoke --layers 2 --batch-size 2 --context 256 --seed-len 32 --steps 4 --repeats 1
         --calib-samples 2 --calib-seq-len 128)
@@ -85,7 +85,7 @@ else
     DEVICE=cuda
     # grown in place, a long KV cache's blocks are reused instead of fragmenting the device memory
     export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-    SCALE=(--calib-samples 32 --seq-len 2048)
+    SCALE=(--calib-samples 32 --calib-seq-len 2048)
     SPEED=()
     KV=()
     RSVD=(--repeats 2)
@@ -103,8 +103,7 @@ import sys
 import torch
 import transformers
 
-sys.path.insert(0, "benchmarks")
-from _random_llama import device_tag
+from benchmarks._random_llama import device_tag
 
 print(f"python {platform.python_version()}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}")
@@ -113,12 +112,12 @@ EOF
 )
 
 run_part tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_layerwise_devices.py
-run_part scale 200 "$PY" benchmarks/compress_scale.py --device "$DEVICE" --decomposers rsvd,svd \
+run_part scale 200 "$PY" -m benchmarks.compress_scale --device "$DEVICE" --decomposers rsvd,svd \
     --results-dir "$WORK" "${SCALE[@]}"
-run_part speed 120 "$PY" benchmarks/factorized_speed.py --device "$DEVICE" --results-dir "$WORK" \
+run_part speed 120 "$PY" -m benchmarks.factorized_speed --device "$DEVICE" --results-dir "$WORK" \
     "${SPEED[@]}"
-run_part kv 120 "$PY" benchmarks/kv_decode.py --device "$DEVICE" --results-dir "$WORK" "${KV[@]}"
-run_part rsvd 120 "$PY" benchmarks/rsvd_table.py --device "$DEVICE" --families gaussian,decaying \
+run_part kv 120 "$PY" -m benchmarks.kv_decode --device "$DEVICE" --results-dir "$WORK" "${KV[@]}"
+run_part rsvd 120 "$PY" -m benchmarks.rsvd_table --device "$DEVICE" --families gaussian,decaying \
     --out "$WORK/rsvd_table_$TAG" "${RSVD[@]}"
 
 printf '%s\n' "${STATUS[@]}" >"$WORK/gpu_run_summary.txt"

@@ -1,13 +1,13 @@
 """Healing on the built-in model: perplexity before and after a distillation fine-tune, per method and budget.
 
-    python benchmarks/heal.py                                  # the full grid (results/heal_cpu.*)
-    python benchmarks/heal.py --tokens 50000 --configs 0 1     # a subset: budgets and configuration indices
-    python benchmarks/heal.py --resume                         # continue an interrupted run
-    python benchmarks/heal.py --report-only                    # rewrite the report from the partial file
-    python benchmarks/heal.py --configs 0 --tokens 50000 --source teacher   # on text the original samples
-    python benchmarks/heal.py --configs 0 --tokens 50000 --temperatures 1 2 --kd-weights 0.9 1  # objectives
-    python benchmarks/heal.py --configs 3 --tokens 50000 --hidden-weights 0 1   # with hidden-state matching
-    python benchmarks/heal.py --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
+    python -m benchmarks.heal                                  # the full grid (results/heal_cpu.*)
+    python -m benchmarks.heal --tokens 50000 --configs 0 1     # a subset: budgets and configuration indices
+    python -m benchmarks.heal --resume                         # continue an interrupted run
+    python -m benchmarks.heal --report-only                    # rewrite the report from the partial file
+    python -m benchmarks.heal --configs 0 --tokens 50000 --source teacher   # on text the original samples
+    python -m benchmarks.heal --configs 0 --tokens 50000 --temperatures 1 2 --kd-weights 0.9 1  # objectives
+    python -m benchmarks.heal --configs 3 --tokens 50000 --hidden-weights 0 1   # with hidden-state matching
+    python -m benchmarks.heal --configs 0 --tokens 2048 --calib-samples 2 --calib-seq-len 128 \\
         --windows 1 --windows-shakespeare 1 --heldout-sequences 2 --results-dir /tmp/heal_smoke  # smoke test
 
 For every configuration (a compression method at one setting) the script compresses a fresh copy of the
@@ -41,24 +41,12 @@ import itertools
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    env_info,
-    final_line,
-    load_for_evaluation,
-    open_run,
-    perplexities,
-    record_run,
-    write_results,
-)
-from _heal_report import objective_defaults  # noqa: E402
-from _heal_report import reference_key as _reference_key  # noqa: E402
-
+from benchmarks._common import load_for_evaluation, perplexities
+from benchmarks._heal_report import objective_defaults
+from benchmarks._heal_report import reference_key as _reference_key
+from benchmarks._sweep import Sweep, parser, settings
 from lowrank.training.healing import PRECISIONS, SOURCES
 from lowrank.training.trainable import TRAINABLE
 
@@ -78,8 +66,7 @@ _SHORT = {"kd_weight": "kd", "temperature": "T", "hidden_weight": "h"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__, "heal_cpu", calibration={"samples": 32, "seq_len": 512}, windows=(8, 4))
     p.add_argument(
         "--configs",
         type=int,
@@ -145,27 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heldout-sequences", type=int, default=None, help="held-out sequences (HealConfig default)"
     )
-    p.add_argument("--calib-samples", type=int, default=32, help="compression calibration sequences (32)")
-    p.add_argument(
-        "--calib-seq-len", type=int, default=512, help="tokens per sequence, compression and healing"
-    )
-    p.add_argument("--windows", type=int, default=8, help="wiki test windows of 512 tokens (8)")
-    p.add_argument("--windows-shakespeare", type=int, default=4, help="shakespeare windows of 512 tokens (4)")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--checkpoint-minutes",
         type=float,
         default=None,
         help="save the healing run in progress this often (HealConfig default; --resume continues it)",
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the partial file, the compressed models and the last healing checkpoint",
-    )
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the partial file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--out-name", default="heal_cpu")
     return p
 
 
@@ -368,91 +340,60 @@ def main(argv: list[str] | None = None) -> int:
             HealConfig(teacher=args.model, **objective)
         except ValueError as e:
             raise SystemExit(f"--kd-weights / --temperatures / --hidden-weights: {e}") from None
-    settings = {
-        "model": args.model,
-        "calib_samples": args.calib_samples,
-        "calib_seq_len": args.calib_seq_len,
-        "windows": args.windows,
-        "windows_shakespeare": args.windows_shakespeare,
-        "heal": _heal_overrides(args),
-    }
-    state, partial, load_before, started = open_run(args, settings)
+    keys = ("model", "calib_samples", "calib_seq_len", "windows", "windows_shakespeare")
+    sweep = Sweep(args, "heal", {**settings(args, *keys), "heal": _heal_overrides(args)})
     if not args.report_only:
-        from lowrank.io.files import write_json
+        _measure(args, sweep, indices)
+    if "original" not in sweep.state:
+        raise SystemExit(f"nothing measured yet in {sweep.partial}")
+    from benchmarks._heal_report import report
 
-        run = _Run(args)
-        if "original" not in state:
-            state["original"] = run.measure(run.model)
-            write_json(partial, state)
-        for index in indices:  # compressed figures first: cheap, and every budget needs them
-            name = CONFIGS[index][0]
-            entry = state["configs"].setdefault(name, {"config": CONFIGS[index][1], "healed": {}})
-            if "compressed" not in entry:
-                entry["compressed"] = run.compressed(index)[1]
-                write_json(partial, state)
-        from lowrank.core.dtypes import dtype_name
-        from lowrank.training.healing import autocast_dtype
-        from lowrank.training.trainable import default_learning_rate, resolve_trainable
+    markdown, rows, figure = report(sweep.state, args.results_dir / f"{args.out_name}_perplexity.png", TARGET)
+    payload = {"original": sweep.state["original"], "configs": sweep.rows, "summary": rows}
+    final = {"measured": len(rows), "figure": str(figure) if figure else None}
+    sweep.finish(payload, lambda p: markdown, final=lambda p: final)
+    return 0 if all(r["structure_unchanged"] for r in rows) else 1
 
-        amp = autocast_dtype(args.precision, "cpu")
-        compute = "float32" if amp is None else dtype_name(amp)
-        runs = [
-            (tokens, index, trainable)
-            for tokens in sorted(args.tokens)
-            for index in indices
-            for trainable in dict.fromkeys(
-                resolve_trainable(run.compressed(index)[0], t) for t in args.trainable
-            )
-        ]
-        for tokens, index, trainable in runs:
-            default = default_learning_rate(run.compressed(index)[0], trainable)
-            for lr, objective in itertools.product(args.learning_rates or [default], _objectives(args)):
-                entry = state["configs"][CONFIGS[index][0]]
-                key = _key(tokens, lr, compute, trainable, args.source, objective)
-                if key in entry["healed"]:
-                    continue
-                print(f"healing {CONFIGS[index][0]}: {tokens:,} tokens, {key}", flush=True)
-                entry["healed"][key] = run.healed(index, key, tokens, lr, trainable, objective)
-                write_json(partial, state)
-        references = state["original"].setdefault("heldout_ce", {})
-        for entry in state["configs"].values():  # the reference of every run, earlier ones included
-            for h in entry["healed"].values():
-                ref = _reference_key(h)
-                if ref not in references:
-                    compute = h["details"].get("compute_dtype", "float32")
-                    references[ref] = run.heldout_ce(h["tokens"], compute, h.get("source", "corpus"))
-                    write_json(partial, state)
-        record_run(state, args, started)
-        write_json(partial, state)
-    if "original" not in state:
-        raise SystemExit(f"nothing measured yet in {partial}")
-    from _heal_report import report
 
-    env = env_info("cpu")
-    markdown, rows, figure = report(state, args.results_dir / f"{args.out_name}_perplexity.png", TARGET)
-    print(markdown)
-    payload = {
-        "settings": settings,
-        "env": env,
-        "load_average_at_start": load_before,
-        "original": state["original"],
-        "configs": state["configs"],
-        "summary": rows,
-        "last_measuring_run": state.get("last_measuring_run"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_results(args.out_name, payload, markdown, args.results_dir)
-    print(
-        final_line(
-            device=env["device_name"],
-            torch=env["torch"],
-            git_sha=env["git_sha"],
-            measured=len(rows),
-            figure=str(figure) if figure else None,
-        )
-    )
-    structure_kept = all(r["structure_unchanged"] for r in rows)
-    return 0 if structure_kept else 1
+def _measure(args: argparse.Namespace, sweep: Sweep, indices: list[int]) -> None:
+    """The original, every compressed model, every healing run, then the held-out references."""
+    from lowrank.core.dtypes import dtype_name
+    from lowrank.training.healing import autocast_dtype
+    from lowrank.training.trainable import default_learning_rate, resolve_trainable
+
+    run = _Run(args)
+    sweep.once("original", lambda: run.measure(run.model))
+    for index in indices:  # compressed figures first: cheap, and every budget needs them
+        entry = sweep.rows.setdefault(CONFIGS[index][0], {"config": CONFIGS[index][1], "healed": {}})
+        if "compressed" not in entry:
+            entry["compressed"] = run.compressed(index)[1]
+            sweep.save()
+    amp = autocast_dtype(args.precision, "cpu")
+    compute = "float32" if amp is None else dtype_name(amp)
+    runs = [
+        (tokens, index, trainable)
+        for tokens in sorted(args.tokens)
+        for index in indices
+        for trainable in dict.fromkeys(resolve_trainable(run.compressed(index)[0], t) for t in args.trainable)
+    ]
+    for tokens, index, trainable in runs:
+        default = default_learning_rate(run.compressed(index)[0], trainable)
+        for lr, objective in itertools.product(args.learning_rates or [default], _objectives(args)):
+            entry = sweep.rows[CONFIGS[index][0]]
+            key = _key(tokens, lr, compute, trainable, args.source, objective)
+            if key in entry["healed"]:
+                continue
+            print(f"healing {CONFIGS[index][0]}: {tokens:,} tokens, {key}", flush=True)
+            entry["healed"][key] = run.healed(index, key, tokens, lr, trainable, objective)
+            sweep.save()
+    references = sweep.state["original"].setdefault("heldout_ce", {})
+    for entry in sweep.rows.values():  # the reference of every run, earlier ones included
+        for h in entry["healed"].values():
+            ref = _reference_key(h)
+            if ref not in references:
+                compute = h["details"].get("compute_dtype", "float32")
+                references[ref] = run.heldout_ce(h["tokens"], compute, h.get("source", "corpus"))
+                sweep.save()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Memory and time of the healing loss: chunked with its gradient in closed form, against plain autograd.
 
-    python benchmarks/heal_loss.py                                   # results/heal_loss_cpu.{json,md}
-    python benchmarks/heal_loss.py --vocab 1000 --batch-size 1 --seq-len 64 --results-dir /tmp/hl  # smoke
+    python -m benchmarks.heal_loss                                   # results/heal_loss_cpu.{json,md}
+    python -m benchmarks.heal_loss --vocab 1000 --batch-size 1 --seq-len 64 --results-dir /tmp/hl  # smoke
 
 ``lowrank.training.losses.distillation_loss`` (KL at T = 1 with weight 0.9 plus cross-entropy) forward and
 backward
@@ -27,25 +27,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from benchmarks._sweep import Sweep, parser, settings
+from benchmarks._tables import gib
 
 VOCABS = {49_152: "SmolLM2", 128_256: "Llama 3", 151_936: "Qwen2"}
 MODES = ("autograd", "chunked")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, "heal_loss_cpu", device="cpu", model=None)
     p.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS), help="vocabulary sizes")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (HealConfig default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (512)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="logits dtype")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (3)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--out-name", default="heal_loss_cpu")
     p.add_argument("--child", nargs=2, metavar=("VOCAB", "MODE"), help=argparse.SUPPRESS)
     return p
 
@@ -106,12 +101,12 @@ def _autograd_loss(student, teacher, ids, *, temperature: float, kd_weight: floa
 
 
 def _run(args, vocab: int, mode: str) -> dict[str, float]:
-    argv = [sys.executable, __file__, "--child", str(vocab), mode]
+    argv = [sys.executable, "-m", "benchmarks.heal_loss", "--child", str(vocab), mode]
     for name in ("batch_size", "seq_len", "dtype", "repeats", "device", "threads"):
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    out = subprocess.run(argv, capture_output=True, text=True)  # inherits the environment
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"vocab {vocab}, {mode}: the measuring process failed ({tail})")
@@ -137,16 +132,12 @@ def _markdown(args, rows: list[dict], env: dict) -> str:
         w, c = r["autograd"], r["chunked"]
         name = VOCABS.get(r["vocab"])
         lines.append(
-            f"| {r['vocab']:,}{f' ({name})' if name else ''} | {_gib(r['logits_bytes'])} | "
-            f"{_gib(w['extra_bytes'])} | {_gib(c['extra_bytes'])} | "
+            f"| {r['vocab']:,}{f' ({name})' if name else ''} | {gib(r['logits_bytes'], unit=' GiB')} | "
+            f"{gib(w['extra_bytes'], unit=' GiB')} | {gib(c['extra_bytes'], unit=' GiB')} | "
             f"{c['extra_bytes'] / max(1, w['extra_bytes']):.2f} | "
             f"{w['seconds']:.2f} | {c['seconds']:.2f} | {c['seconds'] / w['seconds']:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,27 +150,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
     if bad := [v for v in args.vocab if v < 2]:
         raise SystemExit(f"--vocab {bad}: vocabularies need at least 2 tokens")
-    started = time.perf_counter()
-    rows = []
-    for vocab in args.vocab:
+    keys = ("vocab", "batch_size", "seq_len", "dtype", "repeats", "threads")
+    sweep = Sweep(args, "heal_loss", settings(args, *keys), device=args.device)
+
+    def measure(spec: dict) -> dict:
+        vocab = spec["vocab"]
         print(f"vocabulary {vocab:,}", flush=True)
         row = {"vocab": vocab, "logits_bytes": args.batch_size * args.seq_len * vocab * 4}
-        row.update({mode: _run(args, vocab, mode) for mode in MODES})
-        rows.append(row)
-    env = env_info(args.device)
-    markdown = _markdown(args, rows, env)
-    print(markdown)
-    payload = {
-        "settings": {
-            k: getattr(args, k) for k in ("vocab", "batch_size", "seq_len", "dtype", "repeats", "threads")
-        },
-        "env": env,
-        "rows": rows,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_results(args.out_name, payload, markdown, args.results_dir)
-    print(final_line(device=env["device_name"], torch=env["torch"], git_sha=env["git_sha"]))
-    return 0
+        return {**row, **{mode: _run(args, vocab, mode) for mode in MODES}}
+
+    plan = [{"key": f"vocab={vocab}", "vocab": vocab} for vocab in args.vocab]
+    sweep.run(plan, measure)
+    rows = [sweep.rows[spec["key"]] for spec in plan if spec["key"] in sweep.rows]
+    return sweep.finish({"rows": rows}, lambda p: _markdown(args, p["rows"], p["env"]))
 
 
 if __name__ == "__main__":

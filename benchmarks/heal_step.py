@@ -1,7 +1,7 @@
 """Where a healing step spends its time, in float32 and bfloat16 compute, and what caching the teacher costs.
 
-    python benchmarks/heal_step.py                       # results/heal_step_cpu.{json,md}
-    python benchmarks/heal_step.py --steps 1 --batch-size 1 --seq-len 64 --results-dir /tmp/hs  # smoke test
+    python -m benchmarks.heal_step                       # results/heal_step_cpu.{json,md}
+    python -m benchmarks.heal_step --steps 1 --batch-size 1 --seq-len 64 --results-dir /tmp/hs  # smoke test
 
 The student is the built-in model with every decoder linear factorized by plain ``svd`` at 20 % removed
 (data-free, so the script starts in seconds; the shapes are those healing trains for svd-llm-v2 20 %). One
@@ -21,26 +21,19 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
+from benchmarks._sweep import Sweep, parser, settings
 
 PHASES = ("teacher_forward", "student_forward", "loss", "backward_and_update")
 BUDGETS = (50_000, 200_000, 400_000)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__, "heal_step_cpu")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (HealConfig default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (512)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per precision after one warm-up (3)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--out-name", default="heal_step_cpu")
     return p
 
 
@@ -136,34 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     from lowrank.methods import SVDConfig, compress
     from lowrank.training.healing import fast_bfloat16
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    sweep = Sweep(args, "heal_step", settings(args, "model", "batch_size", "seq_len", "steps"))
     teacher, _ = lowrank.load_model(args.model)
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
     compress(student, SVDConfig(ratio=0.2))
     student.train(False)
     precisions = {"float32": None, **({"bfloat16": torch.bfloat16} if fast_bfloat16("cpu") else {})}
-    results = {}
-    for name, amp in precisions.items():
-        print(f"timing {args.steps} steps in {name}", flush=True)
-        results[name] = {k: round(v, 3) for k, v in _measure(args, student, teacher, amp).items()}
-    env = env_info("cpu")
+
+    def measure(spec: dict[str, Any]) -> dict[str, float]:
+        print(f"timing {args.steps} steps in {spec['key']}", flush=True)
+        return {k: round(v, 3) for k, v in _measure(args, student, teacher, precisions[spec["key"]]).items()}
+
+    sweep.run([{"key": name} for name in precisions], measure)
     vocab = int(teacher.config.vocab_size)
-    markdown = _markdown(args, results, vocab, env)
-    print(markdown)
+    results = sweep.rows
     payload = {
-        "settings": {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "steps")},
-        "env": env,
         "seconds": results,
         "teacher_share": {p: round(r["teacher_forward"] / r["step"], 3) for p, r in results.items()},
         "cache_bytes_per_token_bfloat16": vocab * 2,
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    write_results(args.out_name, payload, markdown, args.results_dir)
-    print(final_line(device=env["device_name"], torch=env["torch"], git_sha=env["git_sha"]))
-    return 0
+    return sweep.finish(payload, lambda p: _markdown(args, p["seconds"], vocab, p["env"]))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 (31 % of the cache kept) and by ``kv-projection`` (post-RoPE, R/d 0.5), decode tokens/s at batch 16 with
 8k cached tokens, interleaved with the original.
 
-    python benchmarks/kv_decode.py --device cuda               # bf16, 32 layers, batch 16 × 8,192 tokens
-    python benchmarks/kv_decode.py --device cpu --shape smoke --layers 2 --batch-size 2 --context 256 \\
+    python -m benchmarks.kv_decode --device cuda               # bf16, 32 layers, batch 16 × 8,192 tokens
+    python -m benchmarks.kv_decode --device cpu --shape smoke --layers 2 --batch-size 2 --context 256 \\
         --seed-len 32 --steps 4 --repeats 1 --calib-samples 2 --calib-seq-len 128 \\
         --results-dir /tmp/kv_decode_smoke                     # a smoke test
 
@@ -39,28 +39,22 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    compressed_copy,
-    env_info,
-    final_line,
-    kv_statistics,
-    write_results,
+from benchmarks._common import compressed_copy, kv_statistics
+from benchmarks._random_llama import (
+    SHAPES,
+    add_arguments,
+    build_model,
+    describe,
+    device_tag,
 )
-from _random_llama import FULL_LAYERS, FULL_SHAPE, SHAPES, build_model, describe, device_tag  # noqa: E402
+from benchmarks._sweep import Sweep, parser, settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="compute device (default: cuda)")
-    p.add_argument("--shape", default=FULL_SHAPE, choices=tuple(SHAPES), help="model shape (llama2-7b)")
-    p.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers (default: 32)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p = parser(__doc__, None, device="cuda", model=None, calibration={"samples": 16, "seq_len": 1024})
+    add_arguments(p, "token ids")
     p.add_argument("--mla-fraction", type=float, default=0.3125, help="mla kv_fraction KEPT (0.3125)")
     p.add_argument("--mla-decomposer", default="rsvd", choices=("rsvd", "svd"), help="mla's SVD (rsvd)")
     p.add_argument("--rank-fraction", type=float, default=0.5, help="kv-projection R/d KEPT (0.5)")
@@ -69,12 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-len", type=int, default=128, help="tokens really prefilled; divides --context")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps (32)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (3)")
-    p.add_argument("--calib-samples", type=int, default=16, help="random calibration sequences (16)")
-    p.add_argument("--calib-seq-len", type=int, default=1024, help="tokens per calibration sequence")
-    p.add_argument("--init-std", type=float, default=0.02, help="std of the Gaussian weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the results are written")
     return p
 
 
@@ -204,7 +192,7 @@ def measure(models: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    started = time.perf_counter()
+    args.out_name = args.out_name or f"kv_decode_{device_tag(args.device)}"
     if args.context % args.seed_len:
         raise SystemExit(f"--seed-len {args.seed_len} must divide --context {args.context}")
 
@@ -214,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sweep = Sweep(args, "kv_decode", settings(args), device=args.device)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     original = build_model(
@@ -237,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     converted, conversions = convert(original, stats, args)
     del stats
     models = {"original": original, **converted}
-    results = measure(models, args)
-
-    env = env_info(args.device)
+    sweep.run([{"key": "decode"}], lambda spec: measure(models, args))
+    results = sweep.rows["decode"]
     payload = {
-        "benchmark": "kv_decode",
         "model": {
             "shape": args.shape,
             **SHAPES[args.shape],
@@ -271,25 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         "build_seconds": build_s,
         "conversions": conversions,
         "results": results,
-        "settings": {k: v for k, v in vars(args).items() if k != "results_dir"},
-        "env": env,
-        "torch_threads": torch.get_num_threads(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    text = markdown(payload)
-    write_results(f"kv_decode_{device_tag(args.device)}", payload, text, args.results_dir)
-    print(text)
-    print(
-        final_line(
-            benchmark="kv_decode",
-            device=env["device_name"],
-            torch=env["torch"],
-            git_sha=env["git_sha"],
-            decode_tokens_per_s={n: round(r["decode_tokens_per_s"], 1) for n, r in results.items()},
-            decode_vs_original={n: round(r["decode_vs_original"], 3) for n, r in results.items()},
-        )
+    return sweep.finish(
+        payload,
+        markdown,
+        final=lambda p: {
+            "decode_tokens_per_s": {n: round(r["decode_tokens_per_s"], 1) for n, r in results.items()},
+            "decode_vs_original": {n: round(r["decode_vs_original"], 3) for n, r in results.items()},
+        },
     )
-    return 0
 
 
 def markdown(p: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Weight-quantization libraries on the built-in model: perplexity, stored bytes, safetensors reload, CPU.
 
-    python benchmarks/quant_libraries.py             # results/quant_libraries_cpu.{json,md}
-    python benchmarks/quant_libraries.py --bits 4 --windows 1 --threads 1 --results-dir /tmp/ql_smoke  # smoke
+    python -m benchmarks.quant_libraries             # results/quant_libraries_cpu.{json,md}
+    python -m benchmarks.quant_libraries --bits 4 --windows 1 --threads 1 --results-dir /tmp/ql_smoke  # smoke
 
 Every library that imports (hqq, optimum-quanto, torchao; a missing one is reported as not installed)
 quantizes, weight-only, every nn.Linear in the decoder layers of a fresh copy of the model at each --bits it
@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank
+from benchmarks._sweep import Sweep, parser, settings
 from lowrank.evaluation import perplexity
 from lowrank.io.data import tokenize
 from lowrank.loading.serialization import load_compressed, save_compressed
@@ -38,21 +39,13 @@ from lowrank.methods import QuantizeConfig, compress
 from lowrank.nn import QuantizedLinear
 from lowrank.nn.architectures import get_arch_spec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, env_info, final_line, write_results  # noqa: E402
-
 GROUP = 64
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__, "quant_libraries_cpu", windows=(8, None))
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], help="bit widths (2 3 4 8)")
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES))
-    p.add_argument("--windows", type=int, default=8, help="wiki test windows of 512 tokens (8)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--out-name", default="quant_libraries_cpu")
     return p
 
 
@@ -267,18 +260,9 @@ def report(args, rows: list[dict[str, Any]], notes: list[str], numel: int) -> st
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    original, tokenizer = lowrank.load_model(args.model)
-    ids = tokenize(tokenizer, lowrank.load_text("wiki", "test"))
-    numel = sum(m.weight.numel() for m in _modules(original).values())
-    base = {"library": "float32 (original)", "bits": 32, "group_size": "–", "cpu_forward": "yes"}
-    base.update(ideal_bytes=4 * numel, stored_bytes=4 * numel, code_bytes=4 * numel, ppl_no_grad=False)
-    start, base["wiki_ppl"] = time.perf_counter(), _perplexity(original, ids, args.windows, False)
-    rows, notes, versions = [{**base, "ppl_seconds": round(time.perf_counter() - start, 1)}], [], {}
+def _plan(args: argparse.Namespace, notes: list[str], versions: dict[str, str]) -> list[dict[str, Any]]:
+    """The original, then every installed library at every bit width it supports."""
+    plan: list[dict[str, Any]] = [{"key": "original"}]
     for key in args.libraries:
         label, dist, factory, supported, code = LIBRARIES[key]
         try:
@@ -291,10 +275,37 @@ def main(argv: list[str] | None = None) -> int:
             if bits not in supported:
                 notes.append(f"{label}: {bits}-bit not supported (only {', '.join(map(str, supported))}).")
                 continue
-            print(f"measuring {label} {bits}-bit", flush=True)
             group = ("per-channel (qint8)" if bits == 8 else "64 (set)") if key == "quanto" else str(GROUP)
             row = {"library": label, "bits": bits, "group_size": group}
-            rows.append({**row, **measure(fns, code, bits, original, ids, args.windows, numel)})
+            plan.append({"key": f"{key}/{bits}", "row": row, "fns": fns, "code": code})
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    sweep = Sweep(args, "quant_libraries", settings(args, "model", "bits", "libraries", "windows"))
+    original, tokenizer = lowrank.load_model(args.model)
+    ids = tokenize(tokenizer, lowrank.load_text("wiki", "test"))
+    numel = sum(m.weight.numel() for m in _modules(original).values())
+    notes, versions = list(args.note), {}
+    plan = _plan(args, notes, versions)
+
+    def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
+        if spec["key"] == "original":
+            base = {"library": "float32 (original)", "bits": 32, "group_size": "–", "cpu_forward": "yes"}
+            base.update(
+                ideal_bytes=4 * numel, stored_bytes=4 * numel, code_bytes=4 * numel, ppl_no_grad=False
+            )
+            start, base["wiki_ppl"] = time.perf_counter(), _perplexity(original, ids, args.windows, False)
+            return {**base, "ppl_seconds": round(time.perf_counter() - start, 1)}
+        print(f"measuring {spec['row']['library']} {spec['row']['bits']}-bit", flush=True)
+        return {
+            **spec["row"],
+            **measure(spec["fns"], spec["code"], spec["row"]["bits"], original, ids, args.windows, numel),
+        }
+
+    sweep.run(plan, measure_one)
+    rows = [sweep.rows[spec["key"]] for spec in plan if spec["key"] in sweep.rows]
     if "quanto" in versions:
         notes.append(
             "optimum-quanto: group size set to 64 on each QLinear before `freeze` (its own: 128, or 96 where "
@@ -305,18 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(
             f"torchao packed 4-bit (`Int4WeightOnlyConfig`, group 64, bfloat16) here: {_torchao_int4()}."
         )
-    markdown = report(args, rows, notes, numel)
-    print(markdown)
-    env = env_info("cpu")
-    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}  # no machine paths in results
-    payload = {"settings": settings, "env": env}
-    payload.update(versions=versions, decoder_linear_weights=numel, rows=rows, notes=notes)
-    payload["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_results(args.out_name, payload, markdown, args.results_dir)
+    payload = {"versions": versions, "decoder_linear_weights": numel, "rows": rows, "notes": notes}
     identical = all(r["reload_identical"] for r in rows if "reload_identical" in r)
-    fields = {"device": env["device_name"], "torch": env["torch"], "git_sha": env["git_sha"]}
-    print(final_line(**fields, rows=len(rows) - 1, libraries=versions, all_reload_identical=identical))
-    return 0
+    final = {"rows": len(rows) - 1, "libraries": versions, "all_reload_identical": identical}
+    return sweep.finish(payload, lambda p: report(args, rows, notes, numel), final=lambda p: final)
 
 
 if __name__ == "__main__":

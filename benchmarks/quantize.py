@@ -1,9 +1,9 @@
 """Low-rank plus quantization at equal memory on the built-in model: perplexity against weight bytes.
 
-    python benchmarks/quantize.py                     # the full grid (results/quantize_cpu.*)
-    python benchmarks/quantize.py --resume            # continue an interrupted run
-    python benchmarks/quantize.py --report-only       # rewrite the report from the partial file
-    python benchmarks/quantize.py --bits 4 --combo-bits 4 --ratios 0.2 --calib-samples 2 \\
+    python -m benchmarks.quantize                     # the full grid (results/quantize_cpu.*)
+    python -m benchmarks.quantize --resume            # continue an interrupted run
+    python -m benchmarks.quantize --report-only       # rewrite the report from the partial file
+    python -m benchmarks.quantize --bits 4 --combo-bits 4 --ratios 0.2 --calib-samples 2 \\
         --calib-seq-len 128 --windows 1 --windows-shakespeare 1 --results-dir /tmp/quant_smoke  # smoke test
 
 Points, each measured on the same wiki-test and shakespeare windows as the original in the same run:
@@ -25,26 +25,14 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    env_info,
-    final_line,
-    load_for_evaluation,
-    open_run,
-    perplexities,
-    record_run,
-    write_results,
-)
+from benchmarks._common import load_for_evaluation, perplexities
+from benchmarks._sweep import Sweep, calibration_config, parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__, "quantize_cpu", calibration={"samples": 32, "seq_len": 512}, windows=(4, 2))
     p.add_argument(
         "--bits",
         type=int,
@@ -63,15 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.6], help="svd-llm-v2 ratios removed"
     )
-    p.add_argument("--calib-samples", type=int, default=32, help="svd-llm-v2 calibration sequences (32)")
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=4, help="wiki test windows of 512 tokens (4)")
-    p.add_argument("--windows-shakespeare", type=int, default=2, help="shakespeare windows of 512 tokens (2)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the partial file")
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the partial file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--out-name", default="quantize_cpu")
     return p
 
 
@@ -116,11 +95,7 @@ class _Run:
         from lowrank.methods import collect_gram_statistics, compress, config_from_dict
 
         if ratio not in self._lowrank:
-            calibration = {
-                "samples": self.args.calib_samples,
-                "seq_len": self.args.calib_seq_len,
-                "sequential": False,
-            }
+            calibration = calibration_config(self.args, sequential=False)
             config = config_from_dict({"method": "svd-llm-v2", "ratio": ratio, "calibration": calibration})
             if self._grams is None:
                 self._grams = collect_gram_statistics(
@@ -155,60 +130,26 @@ def _key(ratio: float | None, bits: int | None) -> str:
     return f"ratio={ratio if ratio is not None else 0:g}/bits={bits if bits is not None else 'float32'}"
 
 
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Quantization alone, then each ratio of svd-llm-v2 alone and quantized."""
+    points = [(None, None)] + [(None, b) for b in args.bits]
+    for ratio in args.ratios:
+        points += [(ratio, None)] + [(ratio, b) for b in args.combo_bits]
+    return [{"key": _key(ratio, bits), "ratio": ratio, "bits": bits} for ratio, bits in points]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = {
-        "model": args.model,
-        "group_size": args.group_size,
-        "calib_samples": args.calib_samples,
-        "calib_seq_len": args.calib_seq_len,
-        "windows": args.windows,
-        "windows_shakespeare": args.windows_shakespeare,
-    }
-    state, partial, load_before, started = open_run(args, settings)
+    keys = ("model", "group_size", "calib_samples", "calib_seq_len", "windows", "windows_shakespeare")
+    sweep = Sweep(args, "quantize", {k: getattr(args, k) for k in keys})
     if not args.report_only:
-        from lowrank.io.files import write_json
-
         run = _Run(args)
-        plan = [(None, None)] + [(None, b) for b in args.bits]
-        for ratio in args.ratios:
-            plan += [(ratio, None)] + [(ratio, b) for b in args.combo_bits]
-        for ratio, bits in plan:
-            key = _key(ratio, bits)
-            if key in state["configs"]:
-                continue
-            print(f"measuring {key}", flush=True)
-            state["configs"][key] = run.point(ratio, bits)
-            write_json(partial, state)
-        record_run(state, args, started)
-        write_json(partial, state)
-    if not state["configs"]:
-        raise SystemExit(f"nothing measured yet in {partial}")
-    from _quant_report import report
+        sweep.run(plan(args), lambda spec: run.point(spec["ratio"], spec["bits"]))
+    from benchmarks._quant_report import report
 
-    env = env_info("cpu")
-    markdown, summary, figure = report(state, args.results_dir / f"{args.out_name}_pareto.png")
-    print(markdown)
-    payload = {
-        "settings": settings,
-        "env": env,
-        "load_average_at_start": load_before,
-        "points": state["configs"],
-        "summary": summary,
-        "last_measuring_run": state.get("last_measuring_run"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_results(args.out_name, payload, markdown, args.results_dir)
-    print(
-        final_line(
-            device=env["device_name"],
-            torch=env["torch"],
-            git_sha=env["git_sha"],
-            points=len(state["configs"]),
-            figure=str(figure) if figure else None,
-        )
-    )
-    return 0
+    markdown, summary, figure = report(sweep.state, args.results_dir / f"{args.out_name}_pareto.png")
+    final = {"points": len(sweep.rows), "figure": str(figure) if figure else None}
+    return sweep.finish({"points": sweep.rows, "summary": summary}, lambda p: markdown, final=lambda p: final)
 
 
 if __name__ == "__main__":

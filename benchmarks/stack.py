@@ -6,7 +6,7 @@ the same logits bit for bit, and reports against the original measured in the sa
 wiki and shakespeare, weight bytes, and KV-cache bytes at a 4,096-token context (bytes per token measured
 on the real cache object × 4,096).
 
-    python benchmarks/stack.py            # results/stack_cpu.{json,md}
+    python -m benchmarks.stack            # results/stack_cpu.{json,md}
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_info, final_line, write_results  # noqa: E402
+from benchmarks._common import load_for_evaluation, perplexities
+from benchmarks._sweep import Sweep, calibration_config, parser
 
 CONTEXT = 4096
 STACKS: dict[str, list[dict[str, Any]]] = {
@@ -36,25 +36,15 @@ STACKS: dict[str, list[dict[str, Any]]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences per method (32)")
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=8, help="wiki test windows of 512 tokens (8)")
-    p.add_argument("--windows-shakespeare", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out-name", default="stack_cpu")
-    return p
+    calibration = {"samples": 32, "seq_len": 512}
+    return parser(__doc__, "stack_cpu", calibration=calibration, windows=(8, 4))
 
 
 def measure(model, tokenizer, eval_ids: dict[str, tuple[Any, int]]) -> dict[str, Any]:
-    from lowrank.evaluation import memory_report, perplexity
+    from lowrank.evaluation import memory_report
     from lowrank.methods import weight_bytes
 
-    ppl = {
-        corpus: perplexity(model, tokenizer, ids, seq_len=512, max_windows=n, progress=False).perplexity
-        for corpus, (ids, n) in eval_ids.items()
-    }
+    ppl = perplexities(model, eval_ids, tokenizer)
     kv = memory_report(model).kv_cache_bytes_per_token
     return {"perplexity": ppl, "weight_bytes": weight_bytes(model), "kv_bytes_at_context": kv * CONTEXT}
 
@@ -70,8 +60,7 @@ def run_stack(name, steps, original, tokenizer, eval_ids, args) -> dict[str, Any
     model = copy.deepcopy(original)
     seconds = []
     for step in steps:
-        calibration = {"samples": args.calib_samples, "seq_len": args.calib_seq_len}
-        config = config_from_dict({**step, "calibration": calibration})
+        config = config_from_dict({**step, "calibration": calibration_config(args)})
         start = time.perf_counter()
         compress(model, config, calibration=calibration_tokens(config.calibration, tokenizer))
         seconds.append(round(time.perf_counter() - start, 1))
@@ -92,29 +81,31 @@ def run_stack(name, steps, original, tokenizer, eval_ids, args) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import torch
+    keys = ("model", "calib_samples", "calib_seq_len", "windows", "windows_shakespeare")
+    sweep = Sweep(args, "stack", {k: getattr(args, k) for k in keys})
+    original, tokenizer, eval_ids = load_for_evaluation(args)
 
-    import lowrank
-    from lowrank.io.data import tokenize
+    def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
+        if spec["key"] == "original":
+            return measure(original, tokenizer, eval_ids)
+        return run_stack(spec["key"], STACKS[spec["key"]], original, tokenizer, eval_ids, args)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    original, tokenizer = lowrank.load_model(args.model)
-    eval_ids = {
-        "wiki": (tokenize(tokenizer, lowrank.load_text("wiki", "test")), args.windows),
-        "shakespeare": (
-            tokenize(tokenizer, lowrank.load_text("shakespeare", "test")),
-            args.windows_shakespeare,
-        ),
-    }
-    base = measure(original, tokenizer, eval_ids)
-    rows = [run_stack(name, steps, original, tokenizer, eval_ids, args) for name, steps in STACKS.items()]
+    sweep.run([{"key": "original"}, *({"key": name} for name in STACKS)], measure_one)
+    rows = [sweep.rows[name] for name in STACKS if name in sweep.rows]
+    identical = all(r["reload_identical"] for r in rows)
+    payload = {"original": sweep.rows["original"], "stacks": rows}
+    final = {"stacks": len(rows), "identical": identical}
+    sweep.finish(payload, _markdown, final=lambda p: final)
+    return 0 if identical else 1
+
+
+def _markdown(p: dict[str, Any]) -> str:
+    s, base = p["settings"], p["original"]
     lines = [
-        f"# Stacked methods on {args.model} (CPU)",
+        f"# Stacked methods on {s['model']} (CPU)",
         "",
-        f"Perplexity on the first {args.windows} wiki-test and {args.windows_shakespeare} shakespeare "
-        f"windows of 512 tokens; calibration {args.calib_samples} × {args.calib_seq_len} wiki tokens per "
+        f"Perplexity on the first {s['windows']} wiki-test and {s['windows_shakespeare']} shakespeare "
+        f"windows of 512 tokens; calibration {s['calib_samples']} × {s['calib_seq_len']} wiki tokens per "
         "method "
         "(sequential); KV bytes = bytes per token of the real cache object × 4,096 tokens (float32); "
         "every figure of a stack is measured on the model reloaded from disk. Ratios are to the original "
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| original | {base['perplexity']['wiki']:.2f} | {base['perplexity']['shakespeare']:.2f} | "
         f"{base['weight_bytes']:,} | {base['kv_bytes_at_context']:,.0f} | – | – |",
     ]
-    for r in rows:
+    for r in p["stacks"]:
         lines.append(
             f"| {r['stack']} | {r['perplexity']['wiki']:.2f} | {r['perplexity']['shakespeare']:.2f} | "
             f"{r['weight_bytes']:,} ({r['weight_bytes'] / base['weight_bytes']:.3f}×) | "
@@ -134,27 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['kv_bytes_at_context'] / base['kv_bytes_at_context']:.4f}×) | "
             f"{' + '.join(map(str, r['compress_seconds']))} | {'yes' if r['reload_identical'] else 'NO'} |"
         )
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    env = env_info("cpu")
-    payload = {
-        "settings": vars(args),
-        "env": env,
-        "original": base,
-        "stacks": rows,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    }
-    write_results(args.out_name, payload, markdown)
-    print(
-        final_line(
-            device=env["device_name"],
-            torch=env["torch"],
-            git_sha=env["git_sha"],
-            stacks=len(rows),
-            identical=all(r["reload_identical"] for r in rows),
-        )
-    )
-    return 0 if all(r["reload_identical"] for r in rows) else 1
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,40 +1,64 @@
-"""``lowrank bench``: reproducible benchmarks of the toolkit's building blocks.
+"""``lowrank bench``: a thin launcher of the benchmark scripts under ``benchmarks/`` in the source checkout.
 
-``lowrank bench rsvd`` runs the seed's Table 1 (exact vs randomized SVD) and the SVD engine's speed
-targets; it is the same code as ``benchmarks/rsvd_table.py``.
+``lowrank bench rsvd ARGS`` runs ``python -m benchmarks.rsvd_table ARGS`` in a child process (the same
+interpreter, the checkout and this ``lowrank`` on its path) and returns its exit code; ``--help`` after the
+benchmark's name shows the script's own flags. The benchmarks are not part of the installed package: an
+installation without the repository says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-__all__ = ["register", "run"]
+__all__ = ["BENCHMARKS", "register", "run", "source_checkout"]
+
+#: benchmark name -> (module under ``benchmarks/``, one-line help)
+BENCHMARKS = {
+    "rsvd": (
+        "rsvd_table",
+        "exact SVD vs this toolkit's randomized SVD vs torch.svd_lowrank (and scikit-learn on CPU): the "
+        "seed's Table 1 and the SVD engine's speed targets",
+    ),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lowrank.benchmarking.rsvd_args import add_arguments
-
     parser = subparsers.add_parser(
         "bench",
-        help="run a benchmark (rsvd: exact vs randomized SVD, seed Table 1)",
-        description="Run a benchmark; each prints Markdown tables, writes JSON/Markdown/PNG results and ends "
-        "with one JSON line (device, torch version, git SHA).",
+        help="run a benchmark script of the source checkout (rsvd: exact vs randomized SVD, seed Table 1)",
+        description="Run a benchmark script of the source checkout (python -m benchmarks.<script>); each "
+        "prints Markdown tables, writes JSON/Markdown/PNG results and ends with one JSON line (device, "
+        "torch version, git SHA). Flags after the benchmark's name go to the script (--help lists them).",
     )
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    rsvd = sub.add_parser(
-        "rsvd",
-        help="exact SVD vs this toolkit's randomized SVD vs torch.svd_lowrank (and scikit-learn on CPU)",
-        description="Seed Table 1 (sizes 256..6144, (p, q) in (10,2), (20,4), (5,1)) on Gaussian, "
-        "decaying-spectrum and real weight matrices, then the speed targets (wide matrices, exact route, "
-        "auto crossover, batching, Krylov, rank by tolerance).",
-    )
-    add_arguments(rsvd)
+    for name, (module, text) in BENCHMARKS.items():
+        # no option of its own: every flag after the name goes to the script, --help included
+        child = sub.add_parser(name, help=text, description=text, add_help=False, prefix_chars="\0")
+        child.add_argument("script_args", nargs="*", metavar=f"ARGS of benchmarks/{module}.py")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.benchmark == "rsvd":
-        from lowrank.benchmarking.rsvd_table import run as run_rsvd
+def source_checkout() -> Path | None:
+    """The repository this ``lowrank`` was imported from when it holds ``benchmarks/``, else ``None``."""
+    root = Path(__file__).resolve().parents[3]  # <root>/src/lowrank/cli/bench.py
+    return root if (root / "benchmarks" / "__init__.py").is_file() else None
 
-        return run_rsvd(args)
-    raise ValueError(f"unknown benchmark {args.benchmark!r}; valid: rsvd")
+
+def run(args: argparse.Namespace) -> int:
+    if args.benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {args.benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+    root = source_checkout()
+    if root is None:
+        raise ValueError(
+            "the benchmarks are not installed with the package: run `lowrank bench` from a source checkout "
+            "of the repository (pip install -e .)"
+        )
+    module = BENCHMARKS[args.benchmark][0]
+    paths = [str(root), str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    command = [sys.executable, "-m", f"benchmarks.{module}", *args.script_args]
+    return subprocess.run(command, env=env).returncode

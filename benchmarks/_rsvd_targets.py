@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lowrank.benchmarking._timing import make_matrix, rel_error, timed
+from benchmarks._timing import make_matrix, rel_error, timed
 
 __all__ = ["measure_targets"]
 

@@ -6,17 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lowrank.io.files import atomic_path, write_json, write_text
+from benchmarks._tables import save_figure, table
+from lowrank.io.files import write_json, write_text
 
 __all__ = ["markdown", "plot", "write_outputs"]
 
 logger = logging.getLogger(__name__)
-
-
-def _table(rows: list[list[Any]], headers: list[str]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _main_table(rows: list[dict[str, Any]]) -> str:
@@ -32,7 +27,7 @@ def _main_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    return _table(body, ["Matrix", "Rank", "Method", "Time (s)", "Speedup", "Rel Error", "Δ vs SVD"])
+    return table(body, ["Matrix", "Rank", "Method", "Time (s)", "Speedup", "Rel Error", "Δ vs SVD"])
 
 
 def _targets(t: dict[str, Any]) -> list[str]:
@@ -43,7 +38,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     ]
     out += [
         "### vs torch.svd_lowrank (Table 1 matrices, same p, q)",
-        _table(rows, ["family", "matrix", "(p, q)", "speed-up", "error vs torch"]),
+        table(rows, ["family", "matrix", "(p, q)", "speed-up", "error vs torch"]),
     ]
     rows = [
         [
@@ -58,7 +53,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     ]
     out += [
         "### Wide matrix, (p, q) = (10, 2)",
-        _table(rows, ["shape", "rank", "lowrank (s)", "torch (s)", "speed-up", "error vs torch"]),
+        table(rows, ["shape", "rank", "lowrank (s)", "torch (s)", "speed-up", "error vs torch"]),
     ]
     rows = [
         [
@@ -77,7 +72,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     ]
     out += [
         "### Exact route (Gram + float64 eigh) vs torch.linalg.svd",
-        _table(
+        table(
             rows,
             [
                 "shape",
@@ -108,7 +103,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     out += [
         f"### auto: crossover at rank fraction {a['crossover_fraction']} of {a['shape'][0]}² "
         f"(auto switches above {a['auto_rank_fraction']}); worst auto / best = {a['worst_auto_vs_best']:.2f}",
-        _table(rows, ["rank / n", "rank", "exact (s)", "rsvd 10,2 (s)", "auto (s)", "auto / best"]),
+        table(rows, ["rank / n", "rank", "exact (s)", "rsvd 10,2 (s)", "auto (s)", "auto / best"]),
     ]
     rows = [
         [
@@ -123,7 +118,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     ]
     out += [
         "### Batched vs loop",
-        _table(rows, ["method", "batch", "rank", "batched (s)", "loop (s)", "speed-up"]),
+        table(rows, ["method", "batch", "rank", "batched (s)", "loop (s)", "speed-up"]),
     ]
     k = t["krylov_equal_time"]
     rows = [
@@ -138,7 +133,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     out += [
         f"### Accuracy option on a decaying spectrum {k['shape'][0]}², rank {k['rank']} "
         f"(optimal error {k['optimal_error']:.5f})",
-        _table(rows, ["method", "time (s)", "gap to optimal", "gap / rsvd gap at equal time"]),
+        table(rows, ["method", "time (s)", "gap to optimal", "gap / rsvd gap at equal time"]),
     ]
     rows = [
         [
@@ -153,7 +148,7 @@ def _targets(t: dict[str, Any]) -> list[str]:
     ]
     out += [
         "### Rank by tolerance",
-        _table(rows, ["tol", "rank", "optimal rank", "error", "time (s)", "rsvd at that rank (s)"]),
+        table(rows, ["tol", "rank", "optimal rank", "error", "time (s)", "rsvd at that rank (s)"]),
     ]
     return out
 
@@ -217,11 +212,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         )
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{payload['provenance']['device_name']}, torch {payload['provenance']['torch']}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(payload: dict[str, Any], text: str, out: Path) -> None:

@@ -1,2 +1,0 @@
-"""Benchmark drivers shared by ``benchmarks/*.py`` and ``lowrank bench``: they time and print, the
-library stays free of benchmarking code."""
