@@ -37,7 +37,7 @@ from lowrank.calibration.attention_stats import attention_request
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.linalg import kv_projection as kvp
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.methods.records import ModuleKind, ModuleRecord
+from lowrank.methods.records import attention_record
 from lowrank.nn import LowRankLinear, dense_weight
 from lowrank.nn.architectures import decoder_layers, get_arch_spec
 from lowrank.nn.attention_layout import attention_info
@@ -233,18 +233,6 @@ def _project_layer(
     return record
 
 
-def _record(entry: dict[str, Any]) -> ModuleRecord:
-    """A projected attention layer's record: the key rank, the mean relative logit error as its loss."""
-    metrics = dict(entry)
-    errors = metrics["logit_error_squared_relative"]
-    return ModuleRecord(
-        kind=ModuleKind.ATTENTION,
-        rank=metrics.pop("key_rank"),
-        loss=sum(errors) / len(errors),
-        metrics=metrics,
-    )
-
-
 @register_method(KVProjectionConfig)
 def compress_kv_projection(
     model: nn.Module, config: KVProjectionConfig, ctx: RunContext
@@ -282,7 +270,12 @@ def compress_kv_projection(
         desc="kv-projection",
     )
     install_cache(model, ProjectedKVCache, {})
-    modules = {f"{spec.layers}.{r['layer']}.{spec.attention}": _record(r["entry"]) for r in records}
+    modules = {
+        f"{spec.layers}.{r['layer']}.{spec.attention}": attention_record(
+            r["entry"], "logit_error_squared_relative"
+        )
+        for r in records
+    }
     errors = [e for m in modules.values() for e in m.metrics["logit_error_squared_relative"]]
     d = info.shape.head_dim
     kept = sum(k + (v or d) for k, v in ranks) / (2 * d * len(ranks))

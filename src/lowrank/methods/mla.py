@@ -41,7 +41,7 @@ from lowrank.calibration.statistics import InputGram, StatRequest
 from lowrank.linalg import DecomposerConfig, get_decomposer
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.methods.records import ModuleKind, ModuleRecord
+from lowrank.methods.records import attention_record
 from lowrank.nn import dense_weight
 from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.attention_layout import attention_info
@@ -252,19 +252,6 @@ def _convert_layer(layer: nn.Module, stats: dict, config: MLAConfig, shape, path
     }
 
 
-def _record(entry: dict[str, Any]) -> ModuleRecord:
-    """A converted attention layer's record: the key latent rank, the mean relative loss as its loss."""
-    metrics = dict(entry)
-    losses = metrics["relative_loss"]
-    return ModuleRecord(
-        kind=ModuleKind.ATTENTION,
-        rank=metrics.pop("key_rank"),
-        loss=sum(losses) / len(losses),
-        fallback=metrics.pop("whitening_fallback"),
-        metrics=metrics,
-    )
-
-
 @register_method(MLAConfig)
 def compress_mla(model: nn.Module, config: MLAConfig, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='mla'``: per-layer partial RoPE + latent K/V, one calibrated pass if needed."""
@@ -295,7 +282,12 @@ def compress_mla(model: nn.Module, config: MLAConfig, ctx: RunContext) -> Compre
         desc="mla",
     )
     install_cache(model, ProjectedKVCache, {})
-    modules = {f"{spec.layers}.{r['layer']}.{spec.attention}": _record(r["entry"]) for r in records}
+    modules = {
+        f"{spec.layers}.{r['layer']}.{spec.attention}": attention_record(
+            r["entry"], "relative_loss", "whitening_fallback"
+        )
+        for r in records
+    }
     fallbacks = [n for n, m in modules.items() if m.fallback]
     cached = shape.num_kv_heads * (2 * p + (r_k if config.latent == "joint" else r_k + r_v))
     losses = [x for m in modules.values() for x in m.metrics["relative_loss"]]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["ModuleKind", "ModuleRecord"]
+__all__ = ["ModuleKind", "ModuleRecord", "attention_record"]
 
 
 class ModuleKind(StrEnum):
@@ -62,3 +62,18 @@ class ModuleRecord:
         out["kind"] = self.kind.value
         out["shape"] = None if self.shape is None else list(self.shape)
         return out
+
+
+def attention_record(entry: dict[str, Any], losses: str, fallback: str | None = None) -> ModuleRecord:
+    """The record of a converted attention layer from its per-layer ``entry``: ``key_rank`` as its rank,
+    the mean of the per-head list ``entry[losses]`` as its loss, ``entry[fallback]`` as its fallback flag;
+    every other key stays in ``metrics``."""
+    metrics = dict(entry)
+    values = metrics[losses]
+    return ModuleRecord(
+        kind=ModuleKind.ATTENTION,
+        rank=metrics.pop("key_rank"),
+        loss=sum(values) / len(values),
+        fallback=bool(metrics.pop(fallback)) if fallback else False,
+        metrics=metrics,
+    )
