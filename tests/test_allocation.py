@@ -112,7 +112,9 @@ def test_cli_offers_every_rule():
 
     parser = build_parser("compress")._subparsers._group_actions[0].choices["compress"]
     (allocation,) = [a for a in parser._actions if "--allocation" in a.option_strings]
-    assert set(allocation.choices) == set(ALLOCATION_RULES)
+    from lowrank.methods.allocation import LOSS_RULES
+
+    assert set(allocation.choices) == set(ALLOCATION_RULES) | set(LOSS_RULES)
 
 
 def test_bad_rule_and_infeasible_budget():

@@ -27,10 +27,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank.calibration.pipeline import RunContext
+from lowrank.calibration.pipeline import CalibrationStatistics, RunContext, collect_calibration_statistics
 from lowrank.calibration.statistics import Statistic, Timings
 from lowrank.linalg.allocation import ALLOCATION_RULES, allocate_ranks, break_even_rank
 from lowrank.linalg.whitening import whiten, whitened_spectrum
+from lowrank.methods.allocation import LOSS_RULES, LossAllocationConfig, allocate_by_loss
 from lowrank.methods.base import CompressionResult, register_method
 from lowrank.methods.common import (
     TRUNCATION_ROUTES,
@@ -42,7 +43,9 @@ from lowrank.methods.common import (
 )
 from lowrank.methods.svd_llm import gram_requests, truncation_pass
 
-__all__ = ["SVDLLMV2Config", "allocate_plan"]
+__all__ = ["SVDLLMV2Config", "allocate_plan", "rank_bounds", "ALLOCATIONS"]
+
+ALLOCATIONS = ALLOCATION_RULES + LOSS_RULES
 
 
 @dataclass(kw_only=True)
@@ -52,18 +55,25 @@ class SVDLLMV2Config(WhitenedConfig):
     method: ClassVar[str] = "svd-llm-v2"
     truncation: str = field(default="eigh", metadata={"choices": TRUNCATION_ROUTES})
     """Route to the loss minimiser; ``eigh`` is the paper's two-round SVD."""
-    allocation: str = field(default="uniform", metadata={"choices": ALLOCATION_RULES})
-    """Rank allocation rule within each group of same-type matrices (see ``lowrank.linalg.allocation``).
+    allocation: str = field(default="uniform", metadata={"choices": ALLOCATIONS})
+    """Rank allocation rule: within each group of same-type matrices from the spectra (see
+    ``lowrank.linalg.allocation``), or across all of them from the end loss (``measured``, ``learned``,
+    ``depth``: see ``lowrank.methods.allocation``; they need calibration token ids).
     Default ``uniform`` (homogeneous ranks): on the built-in model every reallocating rule measured gave a
     higher perplexity at 40 % removed (docs/compression.md, "SVD-LLM V2: allocation rule and sequencing");
-    ``greedy_anchored`` is the best reallocating rule there."""
+    ``greedy_anchored`` is the best reallocating rule there. The loss-driven rules are not yet measured on
+    the built-in model (docs/compression.md, "Allocation from the end loss")."""
     min_rank_factor: float = field(default=0.25, metadata={"range": "[0, 1]"})
     """Lower bound of an allocated rank, as a multiple of the homogeneous rank."""
     max_rank_factor: float = field(default=2.0, metadata={"range": "[1, inf)"})
     """Upper bound of an allocated rank, as a multiple of the homogeneous rank (also < break-even)."""
+    loss_allocation: LossAllocationConfig = field(
+        default_factory=LossAllocationConfig, metadata={"prefix": "alloc-"}
+    )
+    """Settings of the loss-driven rules (see :class:`lowrank.methods.allocation.LossAllocationConfig`)."""
 
 
-def _bounds(t: Target, config: SVDLLMV2Config) -> tuple[int, int]:
+def rank_bounds(t: Target, config: SVDLLMV2Config) -> tuple[int, int]:
     full = min(t.out_features, t.in_features)
     top = full if config.factorize_all else break_even_rank(t.out_features, t.in_features) - 1
     hi = max(t.rank, min(top, math.ceil(config.max_rank_factor * t.rank), full))
@@ -85,7 +95,7 @@ def _spectra_process(layered, config: SVDLLMV2Config, decompose, timings: Timing
             if id(stat) not in cache:
                 with timings.measure("whitening"):
                     cache[id(stat)] = whiten(stat.gram.to(linear.weight.device), "sqrt")
-            k = None if exact else _bounds(t, config)[1]
+            k = None if exact else rank_bounds(t, config)[1]
             with timings.measure("decomposition"):
                 sigma2, total = whitened_spectrum(
                     linear.weight, cache[id(stat)], k, decompose=decompose, dtype=config.dtype
@@ -106,7 +116,7 @@ def allocate_plan(
             groups.setdefault(t.kind, []).append(t)
     summary = {}
     for group, members in groups.items():
-        bounds = [_bounds(t, config) for t in members]
+        bounds = [rank_bounds(t, config) for t in members]
         sig = [torch.tensor(spectra[t.name]["sigma2"], dtype=torch.float64) for t in members]
         totals = [spectra[t.name]["total"] for t in members]
         homogeneous = [t.rank for t in members]
@@ -162,14 +172,43 @@ def _allocate(model, config: SVDLLMV2Config, plan: list[Target], ctx: RunContext
         return allocate_plan(plan, spectra, config)
 
 
+def _allocate_by_loss(model, config: SVDLLMV2Config, plan: list[Target], ctx: RunContext, ids) -> dict:
+    """Loss-driven allocation on the unchanged model (sets the targets' ranks)."""
+    if ids is None:
+        raise ValueError(
+            f"allocation={config.allocation!r} measures the model's output: it needs calibration token ids "
+            f"(samples, seq_len), not {type(ctx.calibration).__name__}"
+        )
+    stats = ctx.calibration
+    if not isinstance(stats, CalibrationStatistics):  # sequential: the original model's Grams
+        requests = gram_requests(plan, config.calibration.dtype)
+        stats = collect_calibration_statistics(
+            model, ids, requests, config.calibration, device=ctx.device, timings=ctx.timings
+        )
+    with ctx.timings.measure("allocation"):
+        return allocate_by_loss(
+            model,
+            config.allocation,
+            config.loss_allocation,
+            plan,
+            lambda t: rank_bounds(t, config),
+            stats.per_layer,
+            ids,
+        )
+
+
 @register_method(SVDLLMV2Config)
 def compress_svd_llm_v2(model: nn.Module, config: SVDLLMV2Config, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='svd-llm-v2'``: spectra pass → allocation → compression pass."""
     plan = plan_targets(model, config)
+    ids = ctx.calibration if isinstance(ctx.calibration, torch.Tensor) else None
     if not config.calibration.sequential:
         # one calibration pass serves both the spectra and the compression
         ctx.precompute(gram_requests(plan, config.calibration.dtype), config.calibration)
-    allocation = _allocate(model, config, plan, ctx)
+    if config.allocation in LOSS_RULES:
+        allocation = _allocate_by_loss(model, config, plan, ctx, ids)
+    else:
+        allocation = _allocate(model, config, plan, ctx)
     return truncation_pass(
         model,
         config,
