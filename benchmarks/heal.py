@@ -53,8 +53,8 @@ from lowrank.training.trainable import TRAINABLE
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
     ("svd-llm-v2 40 % removed", {"method": "svd-llm-v2", "ratio": 0.4}),
-    ("mla seed (31.25 % KV)", {"method": "mla", "rope_dim": 8, "kv_rank": 32}),
-    ("mla 50 % KV", {"method": "mla", "rope_dim": 8, "kv_rank": 56}),
+    ("mla seed (31.25 % KV)", {"method": "mla", "partial_rope": "mha2mla", "rope_dim": 8, "kv_rank": 32}),
+    ("mla 50 % KV", {"method": "mla", "partial_rope": "mha2mla", "rope_dim": 8, "kv_rank": 56}),
     (
         "kv-projection kq pre-RoPE R/d 0.5",
         {"method": "kv-projection", "kv_method": "kq", "rope": "pre", "rank_fraction": 0.5},

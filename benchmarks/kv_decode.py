@@ -127,7 +127,10 @@ def convert(model, stats, args: argparse.Namespace) -> tuple[dict[str, Any], dic
 
     configs = {
         f"mla {args.mla_fraction:g}": MLAConfig(
-            kv_fraction=args.mla_fraction, decomposer=args.mla_decomposer, calibration={"sequential": False}
+            partial_rope="mha2mla",
+            kv_fraction=args.mla_fraction,
+            decomposer=args.mla_decomposer,
+            calibration={"sequential": False},
         ),
         f"kv-projection post R/d {args.rank_fraction:g}": KVProjectionConfig(
             rank_fraction=args.rank_fraction, rope="post", calibration={"sequential": False}

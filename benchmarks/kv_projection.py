@@ -116,7 +116,12 @@ def make_config(spec: dict[str, Any]):
     from lowrank.methods.mla import MLAConfig
 
     if spec["kv_method"] == "mla":
-        return MLAConfig(kv_fraction=spec["rank_fraction"], whiten=True, calibration={"sequential": False})
+        return MLAConfig(
+            partial_rope="mha2mla",
+            kv_fraction=spec["rank_fraction"],
+            whiten=True,
+            calibration={"sequential": False},
+        )
 
     return KVProjectionConfig(
         kv_method=spec["kv_method"],

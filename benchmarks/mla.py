@@ -104,6 +104,7 @@ def make_config(spec: dict[str, Any]):
     from lowrank.methods.mla import MLAConfig
 
     return MLAConfig(
+        partial_rope="mha2mla",
         rope_dim=spec["rope_dim"],
         rope_selection=spec["rope_selection"],
         kv_rank=spec["kv_rank"],

@@ -26,7 +26,7 @@ CONTEXT = 4096
 STACKS: dict[str, list[dict[str, Any]]] = {
     "svd-llm-v2 MLP 20 % + mla (31.25 % KV)": [
         {"method": "svd-llm-v2", "ratio": 0.2, "targets": ["re:.*mlp\\..*_proj"]},
-        {"method": "mla", "rope_dim": 8, "kv_rank": 32},
+        {"method": "mla", "partial_rope": "mha2mla", "rope_dim": 8, "kv_rank": 32},
     ],
     "svd-llm-v2 MLP 20 % + kv-projection kq pre-RoPE (R/d 0.5)": [
         {"method": "svd-llm-v2", "ratio": 0.2, "targets": ["re:.*mlp\\..*_proj"]},

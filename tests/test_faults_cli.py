@@ -24,7 +24,7 @@ def _last_line(capsys):
     [
         ("svd", ("--ratio", "0.2"), ("--keep-singular-fraction", "0.5")),
         ("svd-llm-v2", ("--ratio", "0.2"), ("--keep-singular-fraction", "0.5")),
-        ("mla", ("--kv-rank", "8"), ("--kv-fraction", "0.5")),
+        ("mla", ("--kv-lora-rank", "8"), ("--kv-fraction", "0.5")),
     ],
 )
 def test_two_exclusive_flags_are_refused_like_the_api_refuses_them(tmp_path, capsys, method, first, second):

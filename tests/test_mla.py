@@ -27,7 +27,9 @@ SUPPORTED = [a for a in ARCHITECTURES if a not in ("qwen3", "gemma3_text")]  # n
 def test_every_pair_kept_and_a_full_latent_reproduce_the_original(arch, kv_heads):
     model = make_tiny_model(arch, num_key_value_heads=kv_heads)
     reference = logits(model, IDS)
-    result = compress(model, MLAConfig(rope_dim=16, kv_rank=16), calibration=random_tokens(16, 48))
+    result = compress(
+        model, MLAConfig(partial_rope="mha2mla", rope_dim=16, kv_rank=16), calibration=random_tokens(16, 48)
+    )
     torch.testing.assert_close(logits(model, IDS), reference, rtol=1e-4, atol=1e-4)
     assert result.kv_bytes_per_token_after == result.kv_bytes_per_token_before
 
@@ -36,7 +38,7 @@ def test_every_pair_kept_and_a_full_latent_reproduce_the_original(arch, kv_heads
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_cached_decode_equals_the_uncached_forward_and_bytes_are_as_predicted(arch, latent):
     model = make_tiny_model(arch)
-    config = MLAConfig(rope_dim=4, kv_rank=8, latent=latent, whiten=latent == "split")
+    config = MLAConfig(partial_rope="mha2mla", rope_dim=4, kv_rank=8, latent=latent, whiten=latent == "split")
     result = compress(model, config, calibration=random_tokens(16, 48))
     stepwise, cache = decoded(model, IDS)
     assert isinstance(cache, ProjectedKVCache)
@@ -51,7 +53,11 @@ def test_generate_fills_the_latent_cache_and_the_model_reloads_bit_for_bit(tmp_p
     compress(
         model, SVDLLMConfig(ratio=0.3, targets=("re:.*mlp\\..*_proj",)), calibration=random_tokens(16, 48)
     )
-    compress(model, MLAConfig(rope_dim=4, kv_fraction=0.5), calibration=random_tokens(16, 48))
+    compress(
+        model,
+        MLAConfig(partial_rope="mha2mla", rope_dim=4, kv_fraction=0.5),
+        calibration=random_tokens(16, 48),
+    )
     out = model.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out.cache, ProjectedKVCache) and out.cache.layers[0].keys.shape[-1] == 16
     assert out.cache.layers[0].values.shape[-1] == 0  # joint latent: nothing else stored
@@ -103,7 +109,7 @@ def test_whitened_basis_minimises_the_error_of_the_produced_outputs():
 )
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
-        MLAConfig(**kwargs)
+        MLAConfig(partial_rope="mha2mla", **kwargs)
     assert "\n" not in str(info.value)
 
 
@@ -118,13 +124,15 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
 def test_sizes_that_do_not_fit_the_model_are_refused_before_any_work(kwargs, message):
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match=message):
-        compress(model, MLAConfig(**kwargs), calibration=random_tokens(16, 48))
+        compress(model, MLAConfig(partial_rope="mha2mla", **kwargs), calibration=random_tokens(16, 48))
     assert not any(isinstance(m, ProjectedAttention) for m in model.modules())
 
 
 def test_families_with_qk_norms_are_refused_with_one_line():
     with pytest.raises(ValueError, match="normalised .* use kv-projection") as info:
         compress(
-            make_tiny_model("qwen3"), MLAConfig(rope_dim=4, kv_rank=8), calibration=random_tokens(16, 48)
+            make_tiny_model("qwen3"),
+            MLAConfig(partial_rope="mha2mla", rope_dim=4, kv_rank=8),
+            calibration=random_tokens(16, 48),
         )
     assert "\n" not in str(info.value)

@@ -36,7 +36,13 @@ from lowrank.attention.rope import rotate
 from lowrank.nn import register_replacement
 from lowrank.nn.attention_layout import LayerAttention, attention_implementation, layer_attention
 
-__all__ = ["ProjectedAttention", "ProjectedKVCache", "eager_attention", "ATTENTION_LEARNING_RATE"]
+__all__ = [
+    "ProjectedAttention",
+    "ProjectedKVCache",
+    "eager_attention",
+    "attention_kernel",
+    "ATTENTION_LEARNING_RATE",
+]
 
 ATTENTION_LEARNING_RATE = 3e-4
 """Peak healing learning rate when the converted attention's q/k/v/o train (``trainable='attention'``, the
@@ -75,7 +81,7 @@ def eager_attention(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _kernel(implementation: str):
+def attention_kernel(implementation: str):
     """The attention function for ``implementation``: lowrank's eager one, else transformers' registry."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -133,7 +139,7 @@ class ProjectedAttention(nn.Module):
         self.scaling = self.layer.scaling
         self.is_causal = True
         self.implementation = implementation or attention_implementation(attention.config)
-        self._kernel = _kernel(self.implementation)
+        self._kernel = attention_kernel(self.implementation)
         self.kv = codec
 
     def _heads(self, x: torch.Tensor, norm: str | None) -> torch.Tensor:

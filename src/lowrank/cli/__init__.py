@@ -22,7 +22,7 @@ from lowrank.cli._renamed import rewrite_renamed
 __all__ = ["main", "build_parser"]
 
 # Order is the order shown by ``lowrank --help``.
-SUBCOMMANDS = ("prepare", "evaluate", "compress", "heal", "demo", "bench", "kv-analyze")
+SUBCOMMANDS = ("prepare", "evaluate", "compress", "heal", "export", "demo", "bench", "kv-analyze")
 
 
 #: what an interrupted run of each command leaves behind and how to go on (one line after "interrupted; ")
@@ -33,6 +33,7 @@ INTERRUPTED = {
     "compress": "finished layers are kept when --checkpoint-dir is given (rerun the same command to resume)",
     "heal": "training progress is kept every --checkpoint-minutes when --checkpoint-dir is given (rerun the "
     "same command to resume)",
+    "export": "nothing was written (the output appears only when complete); rerun it",
     "demo": "finished layers of the compression are kept when --checkpoint-dir is given (rerun the same "
     "command to resume)",
     "bench": "results finished so far are not written; rerun it",

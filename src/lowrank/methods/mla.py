@@ -1,6 +1,13 @@
-"""MHA/GQA → multi-head latent attention without training (``method='mla'``), after MHA2MLA.
+"""MHA/GQA → multi-head latent attention without training (``method='mla'``).
 
-Per layer and KV head:
+Two recipes, chosen by ``partial_rope``:
+
+* ``rorope`` (default): TransMLA-grade conversion to DeepSeek-V3's layout, one latent and one rotary key
+  shared by all KV heads (see :mod:`lowrank.methods.mla_rorope`); exportable as a stock
+  ``DeepseekV3ForCausalLM`` (``lowrank export --format deepseek-v3``).
+* ``mha2mla``: MHA2MLA's recipe, a latent per KV head, described below.
+
+``mha2mla``, per layer and KV head:
 
 1. **Partial RoPE**: keep ``rope_dim`` rotary features (``rope_dim/2`` whole frequency pairs) and make the
    other key and query features position-free. Pairs are chosen by ``rope_selection``: ``high`` (the
@@ -33,52 +40,76 @@ import torch
 from torch import nn
 
 from lowrank.attention.cache import install_cache
+from lowrank.attention.deepseek_mla import DeepseekLatentAttention
 from lowrank.attention.latent_kv import LatentKV
 from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.calibration.attention_stats import attention_request
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.calibration.statistics import InputGram, StatRequest
 from lowrank.linalg import DecomposerConfig, get_decomposer
+from lowrank.linalg.rorope import ROTATIONS
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
+from lowrank.methods.mla_rorope import compress_rorope
 from lowrank.methods.records import attention_record
 from lowrank.nn import dense_weight
 from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.attention_layout import attention_info
 from lowrank.nn.surgery import get_module, replace_module
 
-__all__ = ["MLAConfig", "select_pairs", "latent_basis", "ROPE_SELECTIONS"]
+__all__ = ["MLAConfig", "select_pairs", "latent_basis", "ROPE_SELECTIONS", "PARTIAL_ROPE"]
 
 logger = logging.getLogger(__name__)
 
 ROPE_SELECTIONS = ("high", "low", "uniform", "2-norm")
 LATENTS = ("joint", "split")
+PARTIAL_ROPE = ("rorope", "mha2mla")
 
 
 @dataclass(kw_only=True)
 class MLAConfig(MethodConfig):
-    """Partial RoPE plus a low-rank latent K/V cache per KV head."""
+    """Partial RoPE plus a low-rank latent K/V cache: shared across KV heads (``rorope``) or per head."""
 
     method: ClassVar[str] = "mla"
     follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
-    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_rank", "kv_fraction"),)
-    example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_rank": 8}
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_rank", "kv_lora_rank", "kv_fraction"),)
+    example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_lora_rank": 8}
     detail_labels: ClassVar[dict[str, str]] = {
-        "rope_dim": "rope_dim (rotary features kept per KV head)",
+        "rope_dim": "rope_dim (rotary features kept per KV head; rorope: the shared rotary key)",
         "kv_rank": "kv_rank (latent numbers per KV head)",
+        "kv_lora_rank": "kv_lora_rank (shared latent)",
+        "qk_nope_dim": "qk_nope_dim (position-free query/key features per head)",
+        "cached_per_token_layer": "cached numbers per token and layer",
         "kv_fraction": "kv fraction (KV-cache numbers KEPT)",
     }
 
-    rope_dim: int = field(default=8, metadata={"range": "[0, inf)"})
-    """Rotary features kept per KV head (even: whole frequency pairs), in [0, head_dim]."""
+    partial_rope: str = field(default="rorope", metadata={"choices": PARTIAL_ROPE})
+    """``rorope``: one rotary key and one latent shared by every KV head, in DeepSeek-V3's layout (RoRoPE +
+    FreqFold + balanced whitened latent); ``mha2mla``: MHA2MLA's per-KV-head partial RoPE and latent."""
+    rope_dim: int | None = field(default=None, metadata={"range": "[0, inf)"})
+    """``rorope``: width of the shared rotary key (an even divisor of head_dim; default 32). ``mha2mla``:
+    rotary features kept per KV head (even: whole frequency pairs), in [0, head_dim] (default 8)."""
+    kv_lora_rank: int | None = field(default=None, metadata={"range": "[1, inf)"})
+    """``rorope``: numbers of the shared latent per token and layer (default 88; or give ``kv_fraction``)."""
+    freqfold: int = field(default=1, metadata={"range": "[1, inf)"})
+    """``rorope``: adjacent RoPE frequencies whose components are mixed by one PCA (exact at 1)."""
+    rotation: str = field(default="key", metadata={"choices": ROTATIONS})
+    """``rorope``: ``key`` (TransMLA's key PCA) or ``query-aware`` (balanced against the queries)."""
+    balance: bool = True
+    """``rorope``: scale the position-free keys to the values' norm before the joint latent (BKV-PCA)."""
+    qk_nope_dim: int | None = field(default=None, metadata={"range": "[0, inf)"})
+    """``rorope``: position-free query/key features per head (default head_dim − rope_dim, so q_proj keeps
+    its size; head_dim is exact)."""
     rope_selection: str = field(default="2-norm", metadata={"choices": ROPE_SELECTIONS})
     """Which frequency pairs stay rotary: ``high``, ``low``, ``uniform`` or ``2-norm`` (calibration norms)."""
     kv_rank: int | None = field(default=None, metadata={"range": "[1, inf)"})
-    """Latent numbers cached per token and KV head (MHA2MLA's d_kv; ``split`` divides it between K and V).
+    """``mha2mla``: latent numbers cached per token and KV head (MHA2MLA's d_kv; ``split`` divides it
+    between K and V).
     Give this or ``kv_fraction``; default 32 when neither is given."""
     kv_fraction: float | None = field(default=None, metadata={"range": "(0, 1]"})
-    """Fraction of the KV cache kept, (rope_dim + kv_rank) / (2 · head_dim), in (0, 1]."""
+    """Fraction of the KV cache kept, in (0, 1]: (rope_dim + kv_lora_rank) / (2 · H_kv · head_dim)
+    (``rorope``) or (rope_dim + kv_rank) / (2 · head_dim) (``mha2mla``)."""
     latent: str = field(default="joint", metadata={"choices": LATENTS})
     """``joint``: one latent shared by keys and values; ``split``: separate key and value latents."""
     whiten: bool = True
@@ -97,12 +128,38 @@ class MLAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rope_dim % 2:
-            raise ValueError(
-                f"mla field 'rope_dim' must be even (whole frequency pairs); got {self.rope_dim}"
-            )
         if isinstance(self.decomposer, str):
             self.decomposer = DecomposerConfig(name=self.decomposer)
+        if self.rope_dim is None:
+            self.rope_dim = 32 if self.partial_rope == "rorope" else 8
+        if self.partial_rope == "rorope":
+            for name, bad in (("kv_rank", self.kv_rank is not None), ("latent", self.latent != "joint")):
+                if bad:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} belongs to partial_rope='mha2mla'; with 'rorope' "
+                        "give kv_lora_rank (the shared latent) or kv_fraction"
+                    )
+        elif self.kv_lora_rank is not None:
+            raise ValueError(
+                f"kv_lora_rank={self.kv_lora_rank!r} belongs to partial_rope='rorope'; "
+                "with 'mha2mla' give kv_rank"
+            )
+        if self.kv_lora_rank is not None and self.kv_fraction is not None:
+            raise ValueError(
+                f"give kv_lora_rank or kv_fraction, not both; got {self.kv_lora_rank} and {self.kv_fraction}"
+            )
+        if self.rope_dim % 2:
+            raise ValueError(f"rope_dim must be even (whole frequency pairs); got {self.rope_dim}")
+        if self.kv_rank is not None and self.kv_fraction is not None:
+            raise ValueError(
+                f"give kv_rank or kv_fraction, not both; got {self.kv_rank} and {self.kv_fraction}"
+            )
+        if self.kv_rank is not None and (isinstance(self.kv_rank, bool) or int(self.kv_rank) < 1):
+            raise ValueError(f"kv_rank must be a positive integer; got {self.kv_rank!r}")
+        if self.kv_fraction is not None and not 0.0 < float(self.kv_fraction) <= 1.0:
+            raise ValueError(
+                f"kv_fraction (fraction of the KV cache kept) must be in (0, 1]; got {self.kv_fraction}"
+            )
 
     @classmethod
     def unsupported(cls, model: nn.Module) -> str | None:
@@ -117,7 +174,7 @@ class MLAConfig(MethodConfig):
                 f"mla needs full-width rotate-half RoPE; this model has {info.rotary_style} RoPE on "
                 f"{info.rotary_dim} of {info.shape.head_dim} dimensions"
             )
-        if any(isinstance(m, ProjectedAttention) for m in model.modules()):
+        if any(isinstance(m, (ProjectedAttention, DeepseekLatentAttention)) for m in model.modules()):
             return "its attention already caches compressed keys and values"
         from lowrank.methods.kv_projection import attention_weights_problem
 
@@ -255,6 +312,8 @@ def _convert_layer(layer: nn.Module, stats: dict, config: MLAConfig, shape, path
 @register_method(MLAConfig)
 def compress_mla(model: nn.Module, config: MLAConfig, ctx: RunContext) -> CompressionResult:
     """Handler of ``method='mla'``: per-layer partial RoPE + latent K/V, one calibrated pass if needed."""
+    if config.partial_rope == "rorope":
+        return compress_rorope(model, config, ctx)
     spec, shape = get_arch_spec(model), attention_info(model).shape
     p, r_k, r_v = config.ranks(shape.head_dim)  # validate sizes before any work
     dtype = config.calibration.dtype

@@ -128,7 +128,12 @@ def get_arch_spec(model: nn.Module) -> ArchSpec:
             f"model_type {model_type!r}: no decoder layers at {spec.layers!r}; supported layouts are "
             f"Llama-like ({', '.join(sorted(_REGISTRY))}); register others with register_arch_spec()"
         )
-    missing = [p for p in spec.linears.values() if not _is_linear_like(find_module(layers[0], p))]
+    # a replacement attention that fuses projections away names them (``absent_projections``)
+    absent = getattr(find_module(layers[0], spec.attention), "absent_projections", ())
+    absent = {f"{spec.attention}.{name}" for name in absent}
+    missing = [
+        p for p in spec.linears.values() if p not in absent and not _is_linear_like(find_module(layers[0], p))
+    ]
     missing += [
         f"{spec.attention}.{p}"
         for p in (spec.q_norm, spec.k_norm)

@@ -1,0 +1,81 @@
+"""``lowrank export``: write a converted model in a standard layout another program loads.
+
+``lowrank export MODEL --format deepseek-v3 --out DIR`` writes a model whose every layer was converted
+by ``lowrank compress --method mla`` (``--partial-rope rorope``, the default) as a stock
+``DeepseekV3ForCausalLM`` directory: ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it with plain
+transformers (see :mod:`lowrank.loading.export_deepseek`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lowrank.cli._common import add_model_arguments
+
+__all__ = ["register", "run", "FORMATS"]
+
+FORMATS = ("deepseek-v3",)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a converted model in a standard layout (deepseek-v3: loads in stock transformers)",
+        description=(
+            "Write a model saved by 'lowrank compress --method mla' (partial RoPE 'rorope') as a stock "
+            "DeepSeek-V3 checkpoint that transformers loads without lowrank. The latent RMSNorm is made "
+            "exactly linear; lowrank.json in the output records the epsilon it assumes and the bound checked."
+        ),
+    )
+    add_model_arguments(p)
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="the converted model (same as --model)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="output layout")
+    p.add_argument("--out", required=True, help="directory to write (new or empty; checked before any work)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --out to replace a non-empty directory that this toolkit did not write",
+    )
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        default=2048,
+        help="wiki calibration tokens on which the latent's mean square is measured and recorded (0: none)",
+    )
+    p.add_argument(
+        "--latent-norm-eps",
+        type=float,
+        default=None,
+        help="epsilon of the engine's latent RMSNorm (default: transformers' 1e-6)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowrank.io.files import check_output_dir
+    from lowrank.loading.export_deepseek import LATENT_NORM_EPS, export_deepseek_v3
+    from lowrank.loading.models import load_model
+
+    name = args.model_path or args.model
+    check_output_dir(args.out, overwrite=args.overwrite)
+    if args.check_tokens < 0:
+        raise ValueError(f"--check-tokens must be >= 0; got {args.check_tokens}")
+    model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code)
+    ids = None
+    if args.check_tokens:
+        from lowrank.io.data import calibration_batches, load_text
+
+        seq = min(512, args.check_tokens)
+        ids = calibration_batches(
+            tokenizer, load_text("wiki", "calibration"), max(1, args.check_tokens // seq), seq, seed=0
+        )
+    out = export_deepseek_v3(
+        model,
+        args.out,
+        tokenizer=tokenizer,
+        calibration=ids,
+        epsilon=args.latent_norm_eps or LATENT_NORM_EPS,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out} (deepseek-v3; loads with transformers' AutoModelForCausalLM)")
+    return 0
