@@ -125,12 +125,12 @@ def test_assets_does_not_import_the_converter():
 @pytest.mark.integration
 def test_builtin_gguf_path_matches_the_builtin_model(tmp_path, monkeypatch):
     """The built-in's own GGUF, given as a path, converts to the very same model (identical logits)."""
-    builtin, tokenizer = load_model("smollm2-135m")  # from the real cache
+    original, tokenizer = load_model("smollm2-135m")  # from the real cache
     source = builtin.gguf_path()
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
-        expected = builtin(ids).logits
-    del builtin
+        expected = original(ids).logits
+    del original
     monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))  # the conversion goes to a scratch cache
     model, _ = load_model(str(source))
     with torch.no_grad():
