@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model, random_tokens
 
 import lowrank.io.gguf as lowrank_gguf
-from lowrank.io import assets
+from lowrank.io import assets, builtin
 from lowrank.loading.models import load_model
 
 
