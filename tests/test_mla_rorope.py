@@ -142,7 +142,7 @@ def test_the_converted_model_reloads_bit_for_bit(tmp_path):
     [
         ({"kv_rank": 8}, "kv_rank=8 belongs to partial_rope='mha2mla'"),
         ({"partial_rope": "mha2mla", "kv_lora_rank": 8}, "kv_lora_rank=8 belongs to partial_rope='rorope'"),
-        ({"freqfold": 0}, "freqfold must be a positive integer; got 0"),
+        ({"freqfold": 0}, "field 'freqfold' must be a positive integer; got 0"),
         ({"rotation": "both"}, "'both'"),
         ({"kv_lora_rank": 8, "kv_fraction": 0.5}, "not both"),
     ],

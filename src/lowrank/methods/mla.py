@@ -149,7 +149,9 @@ class MLAConfig(MethodConfig):
                 f"give kv_lora_rank or kv_fraction, not both; got {self.kv_lora_rank} and {self.kv_fraction}"
             )
         if self.rope_dim % 2:
-            raise ValueError(f"rope_dim must be even (whole frequency pairs); got {self.rope_dim}")
+            raise ValueError(
+                f"mla field 'rope_dim' must be even (whole frequency pairs); got {self.rope_dim}"
+            )
         if self.kv_rank is not None and self.kv_fraction is not None:
             raise ValueError(
                 f"give kv_rank or kv_fraction, not both; got {self.kv_rank} and {self.kv_fraction}"
