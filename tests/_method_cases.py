@@ -55,11 +55,15 @@ def _kv_projection_bytes(model: nn.Module, config: dict[str, Any]) -> float:
 def _mla_bytes(model: nn.Module, config: dict[str, Any]) -> float:
     shape = attention_info(model).shape
     layers = model.config.num_hidden_layers
+    if config.get("partial_rope", "rorope") == "rorope":  # one latent and one rotary key per layer
+        return layers * (config["rope_dim"] + config["kv_lora_rank"]) * _float_bytes(model)
     return layers * shape.num_kv_heads * (config["rope_dim"] + config["kv_rank"]) * _float_bytes(model)
 
 
 def _full_mla(model_head_dim: int = 16) -> dict[str, Any]:
-    return {"rope_dim": model_head_dim, "kv_rank": model_head_dim}
+    """MHA2MLA's recipe with every rotary pair and a full latent (the DeepSeek layout is exact on MQA only:
+    tests/test_mla_rorope.py)."""
+    return {"partial_rope": "mha2mla", "rope_dim": model_head_dim, "kv_rank": model_head_dim}
 
 
 def _factors_only_where_planned(original: nn.Module, model: nn.Module, result) -> None:
@@ -109,7 +113,9 @@ CASES: dict[str, MethodCase] = {
             exact={"rank_fraction": 1.0, "kv_method": "k-svd", "value_method": "v-svd"},
             kv_bytes=_kv_projection_bytes,
         ),
-        MethodCase("mla", exact=_full_mla(), kv_bytes=_mla_bytes),
+        MethodCase(
+            "mla", exact=_full_mla(), kv_bytes=_mla_bytes, config={"kv_lora_rank": 8, "kv_fraction": None}
+        ),
         MethodCase("quantize", config={"bits": 8, "group_size": 16}, check=_quantized_close),
         MethodCase("heal", before=(("svd-llm", {"ratio": 0.3}),), check=_healed_in_place),
     )

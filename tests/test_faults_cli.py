@@ -93,7 +93,7 @@ def test_the_listed_typed_fields(tmp_path, capsys):
         assert "must be a number" in _last_line(capsys)
 
 
-_MINIMAL = {"bench": ["rsvd"]}
+_MINIMAL = {"bench": ["rsvd"], "export": ["--format", "deepseek-v3", "--out", "unused"]}
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -60,6 +60,11 @@ def _config(**overrides) -> HealConfig:
     return HealConfig(**{**settings, **overrides})
 
 
+def _mha2mla() -> MLAConfig:
+    """MHA2MLA's recipe: a LatentKV codec inside the shared attention wrapper (q/k/v/o kept)."""
+    return MLAConfig(partial_rope="mha2mla", rope_dim=4, kv_rank=8)
+
+
 def _ids() -> torch.Tensor:
     return random_tokens(32, SEQ_LEN, seed=3)
 
@@ -193,7 +198,7 @@ def test_bfloat16_autocast_heals_while_parameters_stay_float32(pair):
 def test_the_default_learning_rate_follows_what_trains():
     teacher = make_tiny_model("llama")
     kv = _compressed(teacher, KVProjectionConfig(**KVProjectionConfig.example))
-    mla = _compressed(teacher, MLAConfig(**MLAConfig.example))
+    mla = _compressed(teacher, _mha2mla())
     both = _compressed(kv, SVDLLMConfig(ratio=0.5))
     assert default_learning_rate(kv) == CODEC_LEARNING_RATE < LEARNING_RATE < ATTENTION_LEARNING_RATE
     assert default_learning_rate(kv, "all") == default_learning_rate(mla, "replaced") == LEARNING_RATE
@@ -232,8 +237,8 @@ def test_auto_precision_follows_the_device():
     ("method", "trainable"),
     [
         (SVDLLMConfig(ratio=0.5), "replaced"),
-        (MLAConfig(**MLAConfig.example), "replaced"),
-        (MLAConfig(**MLAConfig.example), "attention"),
+        (_mha2mla(), "replaced"),
+        (_mha2mla(), "attention"),
     ],
 )
 def test_only_replaced_parameters_change_and_the_structure_is_kept(method, trainable):

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from lowrank.attention.cache import default_kv_bytes_per_token, register_cache
 from lowrank.attention.rope import pair_dims, rotate
-from lowrank.attention.wrapper import attention_kernel
+from lowrank.attention.wrapper import ATTENTION_LEARNING_RATE, attention_kernel
 from lowrank.nn import register_replacement
 from lowrank.nn.attention_layout import LayerAttention, attention_implementation, layer_attention
 
@@ -176,6 +176,15 @@ class DeepseekLatentAttention(nn.Module):
         )
 
     # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
+    # -- healing protocol (see lowrank.nn.registry) --------------------------------------------
+    def healing_scope(self) -> str:
+        """``'attention'``: after the RoPE conversion the whole layer (q_proj included) relearns to match."""
+        return "attention"
+
+    def healing_learning_rate(self, trainable: str) -> float:
+        """The rate measured for converted attention training whole (every parameter here is the layer's)."""
+        return ATTENTION_LEARNING_RATE
+
     def replacement_spec(self) -> dict[str, Any]:
         return {
             "kv_lora_rank": self.kv_lora_rank,

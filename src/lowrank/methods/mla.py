@@ -73,8 +73,8 @@ class MLAConfig(MethodConfig):
     method: ClassVar[str] = "mla"
     follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
-    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_rank", "kv_lora_rank", "kv_fraction"),)
-    example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_lora_rank": 8}
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_lora_rank", "kv_fraction"),)
+    example: ClassVar[dict[str, Any]] = {"rope_dim": 4, "kv_fraction": 0.5}
     detail_labels: ClassVar[dict[str, str]] = {
         "rope_dim": "rope_dim (rotary features kept per KV head; rorope: the shared rotary key)",
         "kv_rank": "kv_rank (latent numbers per KV head)",
@@ -133,7 +133,7 @@ class MLAConfig(MethodConfig):
         if self.rope_dim is None:
             self.rope_dim = 32 if self.partial_rope == "rorope" else 8
         if self.partial_rope == "rorope":
-            for name, bad in (("kv_rank", self.kv_rank is not None), ("latent", self.latent != "joint")):
+            for name, bad in (("kv_rank", self.kv_rank is not None),):
                 if bad:
                     raise ValueError(
                         f"{name}={getattr(self, name)!r} belongs to partial_rope='mha2mla'; with 'rorope' "
