@@ -50,7 +50,7 @@ from lowrank.linalg import DecomposerConfig, get_decomposer
 from lowrank.linalg.rorope import ROTATIONS
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult, MethodConfig, register_method
-from lowrank.methods.mla_rorope import compress_rorope
+from lowrank.methods.mla_rorope import compress_rorope, latent_from_fraction
 from lowrank.methods.records import attention_record
 from lowrank.nn import dense_weight
 from lowrank.nn.architectures import get_arch_spec
@@ -193,12 +193,7 @@ class MLAConfig(MethodConfig):
             raise ValueError(f"rope_dim must be in [0, head_dim] = [0, {d}]; got {self.rope_dim}")
         nope = d - self.rope_dim
         if self.kv_fraction is not None:
-            r = round(self.kv_fraction * 2 * d) - self.rope_dim
-            if r < 1:
-                raise ValueError(
-                    f"kv_fraction {self.kv_fraction} keeps {round(self.kv_fraction * 2 * d)} of {2 * d} "
-                    f"numbers per KV head, no more than rope_dim {self.rope_dim}: raise it or lower rope_dim"
-                )
+            r = latent_from_fraction(self.kv_fraction, 2 * d, self.rope_dim, "KV head")
         else:
             r = 32 if self.kv_rank is None else int(self.kv_rank)
         if self.latent == "joint":

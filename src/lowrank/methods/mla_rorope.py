@@ -43,7 +43,22 @@ from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.attention_layout import attention_info, layer_attention
 from lowrank.nn.surgery import get_module, replace_module
 
-__all__ = ["deepseek_sizes", "compress_rorope", "convert_attention"]
+__all__ = ["deepseek_sizes", "latent_from_fraction", "compress_rorope", "convert_attention"]
+
+
+def latent_from_fraction(fraction: float, numbers: int, rope: int, unit: str) -> int:
+    """The latent width that caches ``round(fraction · numbers)`` values with the ``rope`` rotary ones.
+
+    Raises:
+        ValueError: a fraction that leaves no latent (names what it keeps and what to change).
+    """
+    r = round(float(fraction) * numbers) - rope
+    if r < 1:
+        raise ValueError(
+            f"kv_fraction {fraction} keeps {r + rope} of {numbers} numbers per {unit}, no more than "
+            f"rope_dim {rope}: raise it or lower rope_dim"
+        )
+    return r
 
 
 def deepseek_sizes(config, shape, hidden: int) -> tuple[int, int, int]:
@@ -64,12 +79,7 @@ def deepseek_sizes(config, shape, hidden: int) -> tuple[int, int, int]:
         raise ValueError(f"freqfold must be one of {valid} (head_dim {d}); got {config.freqfold}")
     full = min(hidden, 2 * Hkv * d - rope)
     if config.kv_fraction is not None:
-        r = round(float(config.kv_fraction) * 2 * Hkv * d) - rope
-        if r < 1:
-            raise ValueError(
-                f"kv_fraction {config.kv_fraction} keeps {r + rope} of {2 * Hkv * d} numbers per token and "
-                f"layer, no more than rope_dim {rope}: raise it or lower rope_dim"
-            )
+        r = latent_from_fraction(config.kv_fraction, 2 * Hkv * d, rope, "token and layer")
     else:
         r = 88 if config.kv_lora_rank is None else int(config.kv_lora_rank)
     if not 1 <= r <= full:
