@@ -15,15 +15,31 @@ turns at the model's own frequencies ``rope_frequencies`` (indices into its RoPE
 runs inside the original model, whose rotary embedding computes the tables.
 
 The cache holds only the latent and the rotary key: ``cache.update(c, k_rope)`` (one "head" each), r + ρ
-numbers per token and layer, as in DeepSeek; keys and values are re-expanded from the cache at each step.
-:class:`LatentRopeCache` is that ``DynamicCache`` with its analytic byte count.
+numbers per token and layer, as in DeepSeek. :class:`LatentRopeCache` is that ``DynamicCache`` with its
+analytic byte count. Two exact ways to attend over it (``decode_path``):
+
+* **expanded**: ``kv_b_proj`` rebuilds every cached position's keys and values, then the model's attention
+  kernel runs: T · r · H (d_n + d_v) multiply-adds per step for T cached tokens, before attention.
+* **absorbed** (DeepSeek/vLLM's decode): W_uk is folded into the queries (q̃_h = q_nope,h W_uk,h, r wide),
+  so every head scores against the cached [c, k_rope] directly; that is multi-query attention with one
+  shared key of width r + ρ and one shared value c (r), run as ONE ``scaled_dot_product_attention`` with the
+  heads folded into the query length; W_uv maps each head's attended latent to its value after.
+
+``auto`` (the default) takes the one with fewer multiply-adds for the call's t queries over T positions
+(:meth:`DeepseekLatentAttention.absorbs`): absorbed costs t · T · H (2r + ρ) + t · H · r (d_n + d_v),
+expanded T · r · H (d_n + d_v) + t · T · H (d_n + ρ + d_v), so absorption wins while
+t < r (d_n + d_v) / (2r − d_n − d_v) (every t when 2r ≤ d_n + d_v): decode steps and short chunks absorb,
+long prefills expand. Soft-capping, dropout in training and returned attention weights keep the expanded
+path; a sliding window is applied through the mask either way.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -33,7 +49,12 @@ from lowrank.attention.wrapper import ATTENTION_LEARNING_RATE, attention_kernel
 from lowrank.nn import register_replacement
 from lowrank.nn.attention_layout import LayerAttention, attention_implementation, layer_attention
 
-__all__ = ["DeepseekLatentAttention", "LatentRopeCache"]
+__all__ = ["DECODE_PATHS", "DeepseekLatentAttention", "LatentRopeCache", "set_decode_path"]
+
+logger = logging.getLogger(__name__)
+
+DECODE_PATHS = ("auto", "absorbed", "expanded")
+"""How :class:`DeepseekLatentAttention` attends over its latent cache (see the module docstring)."""
 
 
 @register_replacement
@@ -110,6 +131,67 @@ class DeepseekLatentAttention(nn.Module):
         self.is_causal = True
         self.implementation = implementation or attention_implementation(attention.config)
         self._kernel = attention_kernel(self.implementation)
+        self.decode_path = "auto"
+
+    def set_decode_path(self, path: str) -> None:
+        """Attend by ``path`` (one of :data:`DECODE_PATHS`); both give the same output to float tolerance.
+
+        Raises:
+            ValueError: an unknown path, or ``absorbed`` on a soft-capped layer.
+        """
+        if path not in DECODE_PATHS:
+            raise ValueError(f"decode path must be one of {DECODE_PATHS}; got {path!r}")
+        if path == "absorbed" and not self._absorbable():
+            raise ValueError(
+                f"layer {self.layer_idx} soft-caps its scores, which the absorbed path does not compute; use "
+                "'auto' or 'expanded'"
+            )
+        self.decode_path = path
+
+    def _absorbable(self) -> bool:
+        return self.layer.softcap is None
+
+    def absorbs(self, queries: int, positions: int) -> bool:
+        """Whether a call with ``queries`` new tokens over ``positions`` cached ones (new included) takes
+        the absorbed path: forced by ``decode_path``, else the cheaper by multiply-adds (module docstring)."""
+        if self.decode_path != "auto" or not self._absorbable():
+            return self.decode_path == "absorbed" and self._absorbable()
+        H, r, rho = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        dn, dv = self.qk_nope_head_dim, self.v_head_dim
+        absorbed = queries * positions * H * (2 * r + rho) + queries * H * r * (dn + dv)
+        expanded = positions * r * H * (dn + dv) + queries * positions * H * (dn + rho + dv)
+        return absorbed < expanded
+
+    def absorbed_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention over the cache with W_uk folded into the queries: (b, H, t, ·) queries, (b, 1, T, ·)
+        latents and rotary keys → (b, t, H · d_v), the input of ``o_proj``."""
+        b, H, t, _ = q_nope.shape
+        T, r = latent.shape[2], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1)  # (b, H, t, r + ρ)
+        q = q.reshape(b, 1, H * t, r + self.qk_rope_head_dim)  # heads folded into the query length
+        k = torch.cat([latent, k_rope], dim=-1)
+        window = self.layer.sliding_window
+        if attention_mask is None:  # causal, the t queries being the last t of the T positions
+            mask = None
+            if t > 1 or (window is not None and T > window):
+                mask = torch.ones(t, T, dtype=torch.bool, device=q.device).tril(T - t)
+                if window is not None:  # and no further back than the window
+                    mask = mask.triu(T - t - window + 1)
+                mask = mask.repeat(H, 1)
+        else:  # transformers' (b, 1, t, ≥T) mask: row h · t + i is query i's
+            mask = attention_mask[..., :T].repeat(1, 1, H, 1)
+        out = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, scale=self.scaling)
+        out = torch.matmul(out.view(b, H, t, r), w_uv.transpose(1, 2))  # (b, H, t, d_v)
+        return out.transpose(1, 2).reshape(b, t, H * self.v_head_dim)
 
     def expand(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (b, 1, T, r) latents and (b, 1, T, ρ) rotated rotary keys → keys (b, H, T, d_n + ρ) and
@@ -143,6 +225,15 @@ class DeepseekLatentAttention(nn.Module):
             q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+        mask_ok = attention_mask is None or (
+            isinstance(attention_mask, torch.Tensor)
+            and attention_mask.ndim == 4
+            and attention_mask.shape[1] == 1
+        )
+        eager_weights = kwargs.get("output_attentions") or (self.training and self.layer.dropout > 0)
+        if mask_ok and not eager_weights and self.absorbs(t, latent.shape[2]):
+            out = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+            return self.o_proj(out), None
         keys, values = self.expand(latent, k_rope)
         queries = torch.cat([q_nope, q_rope], dim=-1)
         extra = {}
@@ -229,3 +320,24 @@ class LatentRopeCache(DynamicCache):
             full = 2 * module.layer.num_kv_heads * module.head_dim * size
             total += module.cached_numbers() * size - full
         return float(total)
+
+
+def set_decode_path(model: nn.Module, path: str) -> int:
+    """Set ``decode_path`` of every :class:`DeepseekLatentAttention` in ``model``; returns how many.
+
+    Raises:
+        ValueError: an unknown path (see :meth:`DeepseekLatentAttention.set_decode_path`).
+    """
+    if path not in DECODE_PATHS:
+        raise ValueError(f"decode path must be one of {DECODE_PATHS}; got {path!r}")
+    layers = [m for m in model.modules() if isinstance(m, DeepseekLatentAttention)]
+    kept = 0
+    for module in layers:
+        if path == "absorbed" and not module._absorbable():
+            module.set_decode_path("expanded")
+            kept += 1
+        else:
+            module.set_decode_path(path)
+    if kept:
+        logger.info("%d of %d latent layers keep the expanded path (soft-capped scores)", kept, len(layers))
+    return len(layers)
