@@ -7,6 +7,7 @@ The input Grams are collected ONCE on wiki calibration windows (non-sequential),
 of every target are computed once from them; every allocation truncates those factors at its ranks, so
 the rows differ by the allocation alone. The ``measured`` probes (each group truncated alone at a few
 ranks) do not depend on the ratio and are measured once; its allocation seconds count them in full.
+``auto`` (what ``allocation='auto'`` does) takes, at each ratio, the candidate with the lowest held-out KL.
 Every rule sees calibration text only: its training part (the first sequences) and a held-out part
 (extra sequences drawn past the ones the Grams use) that selects hyper-parameters. The wiki test split
 and shakespeare are used for the perplexities only.
@@ -37,7 +38,7 @@ from benchmarks._common import (
     write_results,
 )
 
-RULES = ("uniform", "measured", "depth", "learned")
+RULES = ("uniform", "measured", "depth", "learned", "auto")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,15 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
-    p.add_argument("--windows", type=int, default=2, help="wiki test windows of 512 tokens (default 2)")
-    p.add_argument("--windows-shakespeare", type=int, default=1, help="shakespeare test windows of 512 (1)")
+    p.add_argument("--windows", type=int, default=8, help="wiki test windows of 512 tokens (default 8)")
+    p.add_argument("--windows-shakespeare", type=int, default=4, help="shakespeare test windows of 512 (4)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.6])
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
-    p.add_argument("--train-samples", type=int, default=2, help="calibration sequences the rules train on")
-    p.add_argument("--heldout-samples", type=int, default=2, help="held-out calibration sequences")
-    p.add_argument("--alloc-seq-len", type=int, default=128, help="tokens of those sequences (128)")
-    p.add_argument("--group-layers", type=int, default=10, help="layers per group (measured, learned)")
-    p.add_argument("--mask-steps", type=int, default=8, help="training steps of the learned positions (8)")
+    p.add_argument("--train-samples", type=int, default=None, help="calibration sequences the rules train on")
+    p.add_argument("--heldout-samples", type=int, default=None, help="held-out calibration sequences")
+    p.add_argument("--alloc-seq-len", type=int, default=None, help="tokens of those sequences")
+    p.add_argument("--group-layers", type=int, default=None, help="layers per group (measured, learned)")
+    p.add_argument("--mask-steps", type=int, default=None, help="training steps of the learned positions")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="skip configurations in the partial file")
     p.add_argument("--report-only", action="store_true", help="write the report from the partial file only")
@@ -89,17 +90,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _alloc_config(args: argparse.Namespace):
+    """The library's :class:`LossAllocationConfig` defaults (what a user of ``allocation=`` gets), with
+    the flags given on the command line in their place."""
     from lowrank.methods.allocation import LossAllocationConfig
 
-    return LossAllocationConfig(
-        train_samples=args.train_samples,
-        heldout_samples=args.heldout_samples,
-        seq_len=args.alloc_seq_len,
-        group_layers=args.group_layers,
-        mask_steps=args.mask_steps,
-        eval_every=4,
-        batch_size=1,
-    )
+    flags = {
+        "train_samples": args.train_samples,
+        "heldout_samples": args.heldout_samples,
+        "seq_len": args.alloc_seq_len,
+        "group_layers": args.group_layers,
+        "mask_steps": args.mask_steps,
+    }
+    return LossAllocationConfig(**{k: v for k, v in flags.items() if v is not None})
 
 
 class Runner:
@@ -202,18 +204,21 @@ def allocate(runner: Runner, state: dict[str, Any], rule: str, ratio: float) -> 
             ranks = problem.homogeneous
         elif rule == "depth":
             ranks, details = depth_allocation(
-                runner.model, installed, problem, refs["heldout"], slopes=a.depth_slopes, batch_size=1
-            )
+                runner.model, installed, problem, refs["heldout"], slopes=a.depth_slopes,
+                batch_size=a.batch_size,
+            )  # fmt: skip
         elif rule == "learned":
             ranks, details = learned_allocation(
                 runner.model, installed, problem, refs["train"], refs["heldout"], steps=a.mask_steps,
                 lr=a.mask_lr, temperature=a.mask_temperature, eval_every=a.eval_every, seed=a.seed,
-                batch_size=1,
+                batch_size=a.batch_size,
             )  # fmt: skip
         else:
             if "probes" not in state:  # ratio-free: probe once, count it in every measured row
                 p0 = time.perf_counter()
-                table = probe_losses(runner.model, installed, problem, *refs["train"], a.probe_ratios, 1)
+                table = probe_losses(
+                    runner.model, installed, problem, *refs["train"], a.probe_ratios, a.batch_size
+                )
                 state["probes"] = {"table": [{str(k): v for k, v in r.items()} for r in table]}
                 state["probes"]["seconds"] = round(time.perf_counter() - p0, 1)
             table = [{int(k): v for k, v in r.items()} for r in state["probes"]["table"]]
@@ -224,10 +229,10 @@ def allocate(runner: Runner, state: dict[str, Any], rule: str, ratio: float) -> 
                 set_ranks(installed, problem, ks)
                 details["additivity"][label] = {
                     "predicted_kl": predicted_loss(curves, ks),
-                    "measured_kl": mean_kl(runner.model, *refs["train"], 1),
+                    "measured_kl": mean_kl(runner.model, *refs["train"], a.batch_size),
                 }
         set_ranks(installed, problem, ranks)
-        heldout = mean_kl(runner.model, *refs["heldout"], 1)
+        heldout = mean_kl(runner.model, *refs["heldout"], a.batch_size)
     seconds = time.perf_counter() - t0 + (state["probes"]["seconds"] if rule == "measured" else 0.0)
     if "heldout_kl" in details:  # the rule's own selection scores (per slope, per evaluation step)
         details["selection_heldout_kl"] = details.pop("heldout_kl")
@@ -238,6 +243,25 @@ def allocate(runner: Runner, state: dict[str, Any], rule: str, ratio: float) -> 
         "spent": sum(k * c for k, c in zip(ranks, problem.unit_costs, strict=True)),
         "budget": problem.budget,
         **details,
+    }
+
+
+def auto_row(done: dict[str, Any], ratio: float) -> dict[str, Any]:
+    """``auto`` at ``ratio``: the candidate rule with the lowest held-out KL, as ``allocation='auto'``
+    chooses (the same KL on the same held-out text); its ranks, and so its perplexities, are that rule's,
+    and its allocation seconds are the three rules' together."""
+    from lowrank.methods.allocation import CANDIDATE_RULES
+
+    rows = {r: done.get(f"{r}/ratio={ratio}") for r in CANDIDATE_RULES}
+    if any(row is None for row in rows.values()):
+        raise SystemExit(f"auto at ratio {ratio} needs the rows of {CANDIDATE_RULES} first")
+    chosen = min(rows, key=lambda r: rows[r]["heldout_kl"])
+    keep = ("ranks", "heldout_kl", "spent", "budget", "perplexity")
+    return {
+        **{k: rows[chosen][k] for k in keep},
+        "chosen": chosen,
+        "candidates": {r: {"heldout_kl": row["heldout_kl"]} for r, row in rows.items()},
+        "allocation_seconds": round(sum(row["allocation_seconds"] for row in rows.values()), 1),
     }
 
 
@@ -268,9 +292,17 @@ def main(argv: list[str] | None = None) -> int:
             if key in done:
                 continue
             t0 = time.perf_counter()
-            record = {"key": key, "allocation": rule, "ratio": ratio, **allocate(runner, state, rule, ratio)}
-            model = runner.compressed(record["ranks"])
-            record["perplexity"] = perplexities(model, runner.eval_ids)
+            if rule == "auto":
+                record = {"key": key, "allocation": rule, "ratio": ratio, **auto_row(done, ratio)}
+            else:
+                record = {
+                    "key": key,
+                    "allocation": rule,
+                    "ratio": ratio,
+                    **allocate(runner, state, rule, ratio),
+                }
+                model = runner.compressed(record["ranks"])
+                record["perplexity"] = perplexities(model, runner.eval_ids)
             record["wiki"], record["shakespeare"] = (record["perplexity"][c] for c in ("wiki", "shakespeare"))
             done[key] = record
             state["setup_seconds"] = {**state.get("setup_seconds", {}), **runner.seconds}

@@ -75,7 +75,8 @@ def _sync(device: str) -> None:
 
 def filled_cache(model, batch: int, context: int, seed_len: int, seed: int):
     """A fresh cache of ``model``'s class holding ``context`` tokens per sequence: ``seed_len`` prefilled
-    for real, the rest copies of them appended through ``cache.update``."""
+    for real, the rest copies of them appended through ``cache.update`` (and, for pre-RoPE projected
+    layers, the positions 0 … context − 1 they are rebuilt at)."""
     import torch
 
     from lowrank.attention.cache import cache_argument, make_cache
@@ -91,6 +92,11 @@ def filled_cache(model, batch: int, context: int, seed_len: int, seed: int):
         for index, layer in enumerate(cache.layers):
             keys, values = layer.keys, layer.values
             cache.update(keys.repeat(1, 1, copies, 1), values.repeat(1, 1, copies, 1), index)
+        positions = getattr(cache, "positions", {})  # ProjectedKVCache: pre-RoPE layers keep positions
+        for index in positions:
+            positions[index] = torch.arange(context, dtype=torch.int32, device=device).expand(
+                positions[index].shape[0], -1
+            )
     return cache
 
 

@@ -175,7 +175,11 @@ def test_loss_rules_are_deterministic_within_budget_and_saved(rule, tmp_path, on
     ranks = result.details["allocation"]["ranks"]
     assert ranks == again.details["allocation"]["ranks"]
     uniform = make_tiny_model("llama")
-    base = compress(uniform, SVDLLMV2Config(ratio=0.4, calibration={"sequential": False}), calibration=ids)
+    base = compress(
+        uniform,
+        SVDLLMV2Config(ratio=0.4, allocation="uniform", calibration={"sequential": False}),
+        calibration=ids,
+    )
     assert result.details["linear_parameters_after"] <= base.details["linear_parameters_after"]
     assert {n: m.rank for n, m in result.modules.items() if n in ranks} == ranks
     manifest = read_manifest(save_compressed(model, tmp_path / "m"))
@@ -192,3 +196,46 @@ def test_loss_rules_need_token_ids():
     config = SVDLLMV2Config(ratio=0.4, allocation="depth", calibration={"sequential": False})
     with pytest.raises(ValueError, match="needs calibration token ids"):
         compress(model, config, calibration=stats)
+
+
+def test_auto_keeps_the_candidate_with_the_lowest_heldout_kl(one_thread):
+    from lowrank.methods.allocation import CANDIDATE_RULES
+
+    ids = random_tokens(8, 32, seed=4)
+    settings = {
+        "train_samples": 2, "heldout_samples": 2, "seq_len": 32, "group_layers": 1,
+        "probe_ratios": [0.3, 0.6], "mask_steps": 4, "eval_every": 2, "knapsack_units": 2000,
+    }  # fmt: skip
+
+    def run(rule):
+        config = SVDLLMV2Config(
+            ratio=0.4, allocation=rule, calibration={"sequential": False}, loss_allocation=settings
+        )
+        return compress(make_tiny_model("llama"), config, calibration=ids).details["allocation"]
+
+    auto = run("auto")
+    kls = {rule: auto["candidates"][rule]["heldout_kl"] for rule in CANDIDATE_RULES}
+    assert auto["chosen"] == min(kls, key=kls.get)
+    assert auto["rule"] == "auto"
+    assert auto["ranks"] == run(auto["chosen"])["ranks"]  # the chosen rule's own ranks, run alone
+
+
+def test_the_default_allocates_by_loss_and_falls_back_to_uniform_without_token_ids(caplog):
+    from lowrank.methods import collect_gram_statistics
+
+    assert SVDLLMV2Config(ratio=0.2).allocation == "auto"
+    model = make_tiny_model("llama")
+    stats = collect_gram_statistics(model, random_tokens(8, 32))
+    uniform = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="lowrank.methods.svd_llm_v2"):
+        result = compress(
+            model, SVDLLMV2Config(ratio=0.4, calibration={"sequential": False}), calibration=stats
+        )
+    assert "falling back to uniform ranks" in caplog.text
+    assert "no calibration token ids" in result.details["allocation"]["fallback"]
+    assert result.details["allocation_rule"].startswith("uniform (auto fell back")
+    config = SVDLLMV2Config(ratio=0.4, allocation="uniform", calibration={"sequential": False})
+    base = compress(uniform, config, calibration=stats)
+    assert {n: m.rank for n, m in result.modules.items()} == {n: m.rank for n, m in base.modules.items()}
+    few = compress(make_tiny_model("llama"), SVDLLMV2Config(ratio=0.4), calibration=random_tokens(2, 16))
+    assert "needs 8 calibration sequences" in few.details["allocation"]["fallback"]

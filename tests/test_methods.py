@@ -119,8 +119,8 @@ def test_precomputed_statistics_equal_a_non_sequential_run():
     stats = collect_gram_statistics(make_tiny_model("qwen2"), ids)
     for config in (
         SVDLLMConfig(ratio=0.2, calibration={"sequential": False}),
-        SVDLLMV2Config(ratio=0.2, calibration={"sequential": False}),
-    ):
+        SVDLLMV2Config(ratio=0.2, allocation="uniform", calibration={"sequential": False}),
+    ):  # (the default allocation measures the model's output: it needs token ids, not statistics)
         direct, reused = make_tiny_model("qwen2"), make_tiny_model("qwen2")
         compress(direct, config, calibration=ids)
         result = compress(reused, config, calibration=stats)

@@ -111,12 +111,17 @@ def test_the_cache_holds_latent_plus_rotary_key_and_decodes_like_the_forward(arc
     stepwise, cache = decoded(model, IDS)
     assert isinstance(cache, LatentRopeCache)
     torch.testing.assert_close(stepwise, logits(model, IDS), rtol=1e-4, atol=1e-4)
-    for layer in cache.layers:  # measured on the cache object: one "head" of r and one of ρ per token
-        assert layer.keys.shape == (2, 1, IDS.shape[1], 12) and layer.values.shape == (2, 1, IDS.shape[1], 4)
+    for layer in cache.layers:  # measured on the cache object: one "head" of [latent r, rotary key ρ]
+        assert layer.keys.shape == (2, 1, IDS.shape[1], 12 + 4) and layer.values.shape == (
+            2,
+            1,
+            IDS.shape[1],
+            0,
+        )
     expected = 2 * (12 + 4) * 4  # layers × (latent + rotary key) × float32
     assert result.kv_bytes_per_token_after == memory_report(model).kv_cache_bytes_per_token == expected
     out = model.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.cache, LatentRopeCache) and out.cache.layers[0].keys.shape[-1] == 12
+    assert isinstance(out.cache, LatentRopeCache) and out.cache.layers[0].keys.shape[-1] == 12 + 4
 
 
 def test_the_converted_attention_has_fewer_parameters_at_a_real_budget():

@@ -14,9 +14,11 @@ export makes DeepSeek's norm linear instead, see :mod:`lowrank.loading.export_de
 turns at the model's own frequencies ``rope_frequencies`` (indices into its RoPE tables), so the layer
 runs inside the original model, whose rotary embedding computes the tables.
 
-The cache holds only the latent and the rotary key: ``cache.update(c, k_rope)`` (one "head" each), r + ρ
-numbers per token and layer, as in DeepSeek. :class:`LatentRopeCache` is that ``DynamicCache`` with its
-analytic byte count. Two exact ways to attend over it (``decode_path``):
+The cache holds only the latent and the rotary key, r + ρ numbers per token and layer as in DeepSeek, side
+by side in one tensor: ``cache.update([c, k_rope], ∅)`` (one "head" of r + ρ, and a zero-width value), so
+that the absorbed path attends over the cached tensor as it is, with no copy per step.
+:class:`LatentRopeCache` is that ``DynamicCache`` with its analytic byte count. Two exact ways to attend
+over it (``decode_path``):
 
 * **expanded**: ``kv_b_proj`` rebuilds every cached position's keys and values, then the model's attention
   kernel runs: T · r · H (d_n + d_v) multiply-adds per step for T cached tokens, before attention.
@@ -166,31 +168,31 @@ class DeepseekLatentAttention(nn.Module):
         self,
         q_nope: torch.Tensor,
         q_rope: torch.Tensor,
-        latent: torch.Tensor,
-        k_rope: torch.Tensor,
+        entries: torch.Tensor,
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Attention over the cache with W_uk folded into the queries: (b, H, t, ·) queries, (b, 1, T, ·)
-        latents and rotary keys → (b, t, H · d_v), the input of ``o_proj``."""
+        """Attention over the cache with W_uk folded into the queries: (b, H, t, ·) queries and the
+        (b, 1, T, r + ρ) cached [latent, rotary key] → (b, t, H · d_v), the input of ``o_proj``."""
         b, H, t, _ = q_nope.shape
-        T, r = latent.shape[2], self.kv_lora_rank
+        T, r = entries.shape[2], self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1)  # (b, H, t, r + ρ)
         q = q.reshape(b, 1, H * t, r + self.qk_rope_head_dim)  # heads folded into the query length
-        k = torch.cat([latent, k_rope], dim=-1)
         window = self.layer.sliding_window
         if attention_mask is None:  # causal, the t queries being the last t of the T positions
             mask = None
-            if t > 1 or (window is not None and T > window):
+            if t > 1 or (window is not None and window < T):
                 mask = torch.ones(t, T, dtype=torch.bool, device=q.device).tril(T - t)
                 if window is not None:  # and no further back than the window
                     mask = mask.triu(T - t - window + 1)
                 mask = mask.repeat(H, 1)
         else:  # transformers' (b, 1, t, ≥T) mask: row h · t + i is query i's
             mask = attention_mask[..., :T].repeat(1, 1, H, 1)
-        out = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, scale=self.scaling)
-        out = torch.matmul(out.view(b, H, t, r), w_uv.transpose(1, 2))  # (b, H, t, d_v)
+        # values: the whole cached entry, so that q, k and v share one width and the fused (flash) kernel
+        # applies; the first r output features are the attended latent, the last ρ are dropped
+        out = F.scaled_dot_product_attention(q, entries, entries, attn_mask=mask, scale=self.scaling)
+        out = torch.matmul(out[..., :r].reshape(b, H, t, r), w_uv.transpose(1, 2))  # (b, H, t, d_v)
         return out.transpose(1, 2).reshape(b, t, H * self.v_head_dim)
 
     def expand(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,18 +225,19 @@ class DeepseekLatentAttention(nn.Module):
             cos, sin = position_embeddings
             cos, sin = cos[..., self.rope_index], sin[..., self.rope_index]
             q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
+        entries = torch.cat([latent, k_rope], dim=-1)  # the new tokens' cache entries (b, 1, t, r + ρ)
         if cache is not None:
-            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+            entries, _ = cache.update(entries, entries.new_zeros(b, 1, t, 0), self.layer_idx)
         mask_ok = attention_mask is None or (
             isinstance(attention_mask, torch.Tensor)
             and attention_mask.ndim == 4
             and attention_mask.shape[1] == 1
         )
         eager_weights = kwargs.get("output_attentions") or (self.training and self.layer.dropout > 0)
-        if mask_ok and not eager_weights and self.absorbs(t, latent.shape[2]):
-            out = self.absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask)
+        if mask_ok and not eager_weights and self.absorbs(t, entries.shape[2]):
+            out = self.absorbed_attention(q_nope, q_rope, entries, attention_mask)
             return self.o_proj(out), None
-        keys, values = self.expand(latent, k_rope)
+        keys, values = self.expand(*entries.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
         queries = torch.cat([q_nope, q_rope], dim=-1)
         extra = {}
         if self.layer.sliding_window is not None:
@@ -307,8 +310,8 @@ class DeepseekLatentAttention(nn.Module):
 
 @register_cache
 class LatentRopeCache(DynamicCache):
-    """``DynamicCache`` of a model with :class:`DeepseekLatentAttention` layers: those store the latent as
-    "keys" and the rotary key as "values", one head each (r + ρ numbers per token and layer)."""
+    """``DynamicCache`` of a model with :class:`DeepseekLatentAttention` layers: those store [latent, rotary
+    key] as one "head" of keys (r + ρ numbers per token and layer) and zero-width values."""
 
     @classmethod
     def bytes_per_token(cls, model: nn.Module) -> float:
