@@ -114,6 +114,9 @@ def markdown(p: dict[str, Any]) -> str:
     lines.append(format_table(prefill, ("dtype", "tokens", "method", "prefill tok/s", "prefill ×")))
     lines.append("## Targets")
     lines.append("\n".join(f"- {k}: {v}" for k, v in p["targets"].items()))
+    if p.get("notes"):
+        lines.append("## Notes")
+        lines.append("\n".join(f"- {n}" for n in p["notes"]))
     if p.get("skipped"):
         lines.append(f"Skipped (memory limit): {', '.join(p['skipped'])}.")
     if p.get("missing"):
