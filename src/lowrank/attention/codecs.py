@@ -13,7 +13,8 @@ A codec class registers itself with :func:`register_codec` and implements
 * attributes ``num_kv_heads`` and ``head_dim`` (the layer's original cache shape).
 
 Optional: ``needs_positions`` (true when the cache must keep each token's position, because keys are
-rebuilt before RoPE; such a codec also has ``decode_keys(codes)``, which the cache calls to rebuild them)
+rebuilt before RoPE; such a codec also has ``decode_rotated_keys(codes, cos, sin)``, which the cache calls to
+rebuild and rotate them)
 [False]; ``healing_scope()`` and ``healing_learning_rate(trainable)`` (see
 :mod:`lowrank.nn.registry`) [``'replaced'``, ``None``]. A saved model records the codec by its registered
 name, so a new codec is loadable once its module is imported.

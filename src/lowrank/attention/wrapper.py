@@ -35,6 +35,7 @@ from lowrank.attention.codecs import codec_class
 from lowrank.attention.rope import rotate
 from lowrank.nn import register_replacement
 from lowrank.nn.attention_layout import LayerAttention, attention_implementation, layer_attention
+from lowrank.nn.surgery import replace_module
 
 __all__ = [
     "ProjectedAttention",
@@ -142,9 +143,10 @@ class ProjectedAttention(nn.Module):
         self._kernel = attention_kernel(self.implementation)
         self.kv = codec
 
-    def _heads(self, x: torch.Tensor, norm: str | None) -> torch.Tensor:
-        """(b, t, h·d) projection output → (b, h, t, d), through the layer's q/k norm where it has one."""
-        shape = (*x.shape[:-1], -1, self.head_dim)
+    def _heads(self, x: torch.Tensor, norm: str | None, width: int | None = None) -> torch.Tensor:
+        """(b, t, h·w) projection output → (b, h, t, w) (w: ``width``, default head_dim), through the
+        layer's q/k norm where it has one."""
+        shape = (*x.shape[:-1], -1, width or self.head_dim)
         layout = self.layer.qk_norm_layout
         if norm is None:
             return x.view(shape).transpose(1, 2)
@@ -167,16 +169,19 @@ class ProjectedAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache = cache if cache is not None else past_key_values
         layer = self.layer
+        codec = self.kv
         queries = self._heads(self.q_proj(hidden_states), layer.q_norm)
-        keys = self._heads(self.k_proj(hidden_states), layer.k_norm)
-        values = self._heads(self.v_proj(hidden_states), None)
+        keys = self._heads(self.k_proj(hidden_states), layer.k_norm, getattr(codec, "key_width", None))
+        values = self._heads(self.v_proj(hidden_states), None, getattr(codec, "value_width", None))
         if layer.rope:
             if position_embeddings[0].shape[-1] != self.head_dim:
                 raise ValueError(
                     f"layer {self.layer_idx}: RoPE tables of width {position_embeddings[0].shape[-1]} for "
                     f"heads of {self.head_dim}; only full-width rotary embeddings are supported"
                 )
-            queries, keys = rotate(queries, *position_embeddings), rotate(keys, *position_embeddings)
+            queries = rotate(queries, *position_embeddings)
+            if not getattr(codec, "fused_keys", False):  # folded keys are codes of the un-rotated keys
+                keys = rotate(keys, *position_embeddings)
         projects = isinstance(cache, ProjectedKVCache) and self.layer_idx in cache.projected
         if projects:
             keys, values = cache.append(self, keys, values, position_embeddings, position_ids)
@@ -209,6 +214,21 @@ class ProjectedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, implementation={self.implementation}"
 
+    def fold_projections(self) -> tuple[str, ...]:
+        """Fold the codec's maps into ``k_proj``/``v_proj``/``o_proj`` where its algebra allows (the
+        codec's ``fold_into``; see :mod:`lowrank.attention.low_rank_kv`), deleting the rows they made
+        redundant. Returns the names of the projections replaced; the outputs do not change."""
+        fold = getattr(self.kv, "fold_into", None)
+        if fold is None:
+            return ()
+        replaced = fold({name: getattr(self, name) for name in _FOLDABLE}, self.layer)
+        for name, module in replaced.items():
+            replace_module(self, name, module)
+        return tuple(sorted(replaced))
+
+    def _folded(self) -> tuple[str, ...]:
+        return tuple(getattr(self.kv, "folded", ()))
+
     # -- healing protocol (see lowrank.nn.registry) --------------------------------------------
     def healing_scope(self) -> str:
         """``'attention'`` when its codec asks for the whole attention to train (partial RoPE), else
@@ -217,9 +237,12 @@ class ProjectedAttention(nn.Module):
         return scope() if scope is not None else "replaced"
 
     def healing_parameters(self, trainable: str):
-        """The codec only under ``'replaced'`` (q/k/v/o are the original's, unless themselves replaced);
-        everything under ``'attention'``."""
-        return self.parameters() if trainable == "attention" else self.kv.parameters()
+        """The codec (and the projections that absorbed its maps) under ``'replaced'``: the rest of q/k/v/o
+        is the original's, unless itself replaced; everything under ``'attention'``."""
+        if trainable == "attention":
+            return self.parameters()
+        folded = [p for name in self._folded() for p in getattr(self, name).parameters()]
+        return [*self.kv.parameters(), *folded]
 
     def healing_learning_rate(self, trainable: str) -> float | None:
         if trainable == "attention":
@@ -247,7 +270,31 @@ class ProjectedAttention(nn.Module):
             codec = codec_cls.from_codec_spec(spec, device=device, dtype=dtype)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"ProjectedAttention spec for {name} is incomplete: {spec!r}") from exc
-        return cls(original, codec)
+        module = cls(original, codec)
+        shapes = getattr(codec, "folded_shapes", None)
+        shapes = shapes(dict(module.named_children())) if shapes else {}
+        for part, (out_features, in_features) in shapes.items():
+            old = getattr(module, part)
+            replace_module(
+                module,
+                part,
+                nn.Linear(
+                    in_features,
+                    out_features,
+                    bias=old.bias is not None,
+                    device=device or old.weight.device,
+                    dtype=dtype or old.weight.dtype,
+                ),
+            )
+        return module
+
+
+_FOLDABLE = ("k_proj", "v_proj", "o_proj")
+
+
+def _layer_type(module: ProjectedAttention) -> str | None:
+    types = getattr(module.config, "layer_types", None)
+    return types[module.layer_idx] if types else None
 
 
 def _pre(module: ProjectedAttention) -> bool:
@@ -272,6 +319,7 @@ class ProjectedKVCache(DynamicCache):
         self.projected = dict(layers or {})
         self.positions: dict[int, torch.Tensor] = {}
         self._rotary = rotary
+        self._tables_memo: dict[Any, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ProjectedKVCache:
@@ -342,11 +390,29 @@ class ProjectedKVCache(DynamicCache):
         previous = self.positions.get(layer_idx)
         self.positions[layer_idx] = new if previous is None else torch.cat([previous, new], dim=-1)
         cos_all, sin_all = self._tables(module, self.positions[layer_idx], keys)
-        return rotate(module.kv.decode_keys(keys_out), cos_all, sin_all), values_out
+        return module.kv.decode_rotated_keys(keys_out, cos_all, sin_all), values_out
 
     def _tables(self, module: ProjectedAttention, positions: torch.Tensor, like: torch.Tensor):
+        """cos/sin at every cached position, computed once per forward pass and layer type.
+
+        Every layer of a pass sees the same positions, so the first pre-RoPE layer of each type computes
+        the tables and the later layers of the same pass (higher indices, same length) reuse them; the
+        last one lets them go, so nothing but codes and positions stays in the cache between passes.
+        """
         params = inspect.signature(self._rotary.forward).parameters
         extra = {}
         if "layer_type" in params:
             extra["layer_type"] = module.config.layer_types[module.layer_idx]
-        return self._rotary(like, positions.long(), **extra)
+        kind = _layer_type(module)
+        layer_idx, length = module.layer_idx, positions.shape[-1]
+        memo = self._tables_memo.get(kind)
+        if memo is None or memo[1] != length or layer_idx <= memo[0] or memo[2].dtype != like.dtype:
+            cos, sin = self._rotary(like, positions.long(), **extra)
+        else:
+            cos, sin = memo[2], memo[3]
+        last = max(i for i, m in self.projected.items() if _pre(m) and _layer_type(m) == kind)
+        if layer_idx >= last:
+            self._tables_memo.pop(kind, None)
+        else:
+            self._tables_memo[kind] = (layer_idx, length, cos, sin)
+        return cos, sin

@@ -48,6 +48,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="epsilon of the engine's latent RMSNorm (default: transformers' 1e-6)",
     )
+    p.add_argument(
+        "--rope-interleave",
+        action="store_true",
+        help="write the rotary rows in interleaved pair order (config rope_interleave=true; vLLM's CPU MLA "
+        "kernel needs it); the model is the same",
+    )
+    p.add_argument(
+        "--kv-lora-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="pad the latent with zeros to R (>= the converted width; vLLM's CPU MLA kernel takes only 512): "
+        "the same model, R minus the converted width more cached numbers per token and layer",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, overwrite=args.overwrite)
     if args.check_tokens < 0:
         raise ValueError(f"--check-tokens must be >= 0; got {args.check_tokens}")
+    if args.kv_lora_rank is not None and args.kv_lora_rank < 1:
+        raise ValueError(f"--kv-lora-rank must be >= 1; got {args.kv_lora_rank}")
     model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code)
     ids = None
     if args.check_tokens:
@@ -75,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         calibration=ids,
         epsilon=args.latent_norm_eps or LATENT_NORM_EPS,
+        rope_interleave=args.rope_interleave,
+        kv_lora_rank=args.kv_lora_rank,
         overwrite=args.overwrite,
     )
     print(f"wrote {out} (deepseek-v3; loads with transformers' AutoModelForCausalLM)")

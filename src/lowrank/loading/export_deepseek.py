@@ -6,6 +6,13 @@ num_attention_heads``, ``q_lora_rank=None``, every MLP dense (``first_k_dense_re
 ``num_mtp_layers=0``, ``rope_interleave=False`` (rotate-half order, as the conversion computes) and the
 source's tied embeddings. The softmax scale is already folded into ``q_proj`` by the conversion.
 
+Two options serve engines with fixed kernels (vLLM's CPU MLA kernel takes only 512 + 64 and interleaved
+pairs): ``rope_interleave=True`` permutes the rotary rows of ``q_proj`` and ``kv_a_proj_with_mqa`` from
+rotate-half order (pair i = features i, i + ρ/2) to interleaved order (pair i = features 2i, 2i + 1), which
+DeepSeek's interleaved RoPE maps back before rotating, so the scores are the same; ``kv_lora_rank=R``
+pads the latent with R − r zero rows in ``kv_a_proj_with_mqa`` and zero columns in ``kv_b_proj``: the same
+model, with R − r more cached numbers per token and layer.
+
 **The latent RMSNorm.** DeepSeek normalises the latent (``kv_a_layernorm``, RMSNorm with ε = 1e-6 in
 transformers) before ``kv_b_proj``; the conversion's latent is a plain linear image of the input. The export
 scales the latent rows of ``kv_a_proj_with_mqa`` by δ and sets the norm's weight to √ε/δ: the norm computes
@@ -104,6 +111,31 @@ def _measured_mean_square(model: nn.Module, modules: list[DeepseekLatentAttentio
     return peaks
 
 
+def _interleaved(rows: int) -> torch.Tensor:
+    """Row order taking rotate-half pairs (i, i + rows/2) to interleaved pairs (2i, 2i + 1)."""
+    half = torch.arange(rows // 2)
+    return torch.stack([half, half + rows // 2], dim=-1).flatten()
+
+
+def _engine_layout(module: DeepseekLatentAttention, delta: float, width: int, interleave: bool):
+    """(q_proj, kv_a_proj_with_mqa, kv_b_proj) weights as written: latent rows scaled by δ and padded with
+    zeros to ``width`` (zero columns in kv_b), rotary rows interleaved when asked."""
+    r, rope = module.kv_lora_rank, module.qk_rope_head_dim
+    q = module.q_proj.weight.detach()
+    kv_a = module.kv_a_proj_with_mqa.weight.detach()
+    kv_b = module.kv_b_proj.weight.detach()
+    latent, rotary = kv_a[:r] * delta, kv_a[r:]
+    if interleave:
+        order = _interleaved(rope)
+        rotary = rotary[order]
+        heads = q.view(module.num_heads, module.qk_head_dim, -1)
+        q = torch.cat([heads[:, : module.qk_nope_head_dim], heads[:, module.qk_nope_head_dim :][:, order]], 1)
+        q = q.reshape(-1, heads.shape[-1])
+    kv_a = torch.cat([latent, latent.new_zeros(width - r, latent.shape[1]), rotary])
+    kv_b = torch.cat([kv_b, kv_b.new_zeros(kv_b.shape[0], width - r)], dim=1)
+    return q, kv_a, kv_b
+
+
 def export_deepseek_v3(
     model: nn.Module,
     out_dir: str | Path,
@@ -112,6 +144,8 @@ def export_deepseek_v3(
     calibration: torch.Tensor | None = None,
     ratio: float = 1e-6,
     epsilon: float = LATENT_NORM_EPS,
+    rope_interleave: bool = False,
+    kv_lora_rank: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (every layer converted by ``mla`` with ``partial_rope='rorope'``) as a stock
@@ -124,6 +158,8 @@ def export_deepseek_v3(
         calibration: token ids (b, t) on which the latent's mean square is measured and recorded.
         ratio: the bound's ``δ² mean(c²) / ε`` (how far below ε the latent stays; default 1e-6).
         epsilon: the latent norm's ε the export assumes (transformers: 1e-6).
+        rope_interleave: write the rotary rows in interleaved pair order (see the module docstring).
+        kv_lora_rank: pad the latent with zeros to this width (≥ the conversion's; default: as converted).
         overwrite: also replace a non-empty directory this toolkit did not write.
 
     Returns:
@@ -142,6 +178,13 @@ def export_deepseek_v3(
     dtype = next(model.parameters()).dtype
     if dtype == torch.float16:
         raise ValueError("float16 underflows the scaled latent; export in float32 or bfloat16")
+    first_attention = get_module(decoder_layers(model)[0], get_arch_spec(model).attention)
+    width = kv_lora_rank or first_attention.kv_lora_rank
+    if width < first_attention.kv_lora_rank:
+        raise ValueError(
+            f"kv_lora_rank {kv_lora_rank} is below the converted latent's {first_attention.kv_lora_rank}; "
+            "pass a width at least that large (the latent can be padded, not cut)"
+        )
     out = check_output_dir(out_dir, overwrite=overwrite)
     source = model.config.get_text_config(decoder=True)
     shape = attention_shape(source)
@@ -164,7 +207,7 @@ def export_deepseek_v3(
         num_experts_per_tok=1,
         first_k_dense_replace=source.num_hidden_layers,
         num_mtp_layers=0,
-        kv_lora_rank=first.kv_lora_rank,
+        kv_lora_rank=width,
         q_lora_rank=None,
         qk_rope_head_dim=first.qk_rope_head_dim,
         qk_nope_head_dim=first.qk_nope_head_dim,
@@ -174,7 +217,7 @@ def export_deepseek_v3(
         rms_norm_eps=source.rms_norm_eps,
         tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False)),
         rope_parameters={"rope_type": "default", "rope_theta": float(source.rope_parameters["rope_theta"])},
-        rope_interleave=False,
+        rope_interleave=rope_interleave,
         attention_bias=False,
         attention_dropout=0.0,
         bos_token_id=source.bos_token_id,
@@ -195,18 +238,17 @@ def export_deepseek_v3(
         p = f"model.layers.{i}."
         bound = _latent_bound(module, layer.input_layernorm)
         delta = math.sqrt(ratio * epsilon / max(bound, 1e-300))
-        kv_a = module.kv_a_proj_with_mqa.weight.detach().clone()
-        kv_a[: module.kv_lora_rank] *= delta
+        q, kv_a, kv_b = _engine_layout(module, delta, width, rope_interleave)
         state.update(
             {
                 p + "input_layernorm.weight": layer.input_layernorm.weight,
                 p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-                p + "self_attn.q_proj.weight": module.q_proj.weight,
+                p + "self_attn.q_proj.weight": q,
                 p + "self_attn.kv_a_proj_with_mqa.weight": kv_a,
                 p + "self_attn.kv_a_layernorm.weight": torch.full(
-                    (module.kv_lora_rank,), math.sqrt(epsilon) / delta, dtype=dtype
+                    (width,), math.sqrt(epsilon) / delta, dtype=dtype
                 ),
-                p + "self_attn.kv_b_proj.weight": module.kv_b_proj.weight,
+                p + "self_attn.kv_b_proj.weight": kv_b,
                 p + "self_attn.o_proj.weight": dense_weight(module.o_proj),
                 **{
                     p + f"mlp.{n}.weight": dense_weight(getattr(layer.mlp, n))
@@ -236,7 +278,13 @@ def export_deepseek_v3(
             "ratio_target": ratio,
             "layers": records,
         },
-        "cached_numbers_per_token_and_layer": first.kv_lora_rank + first.qk_rope_head_dim,
+        "cached_numbers_per_token_and_layer": width + first.qk_rope_head_dim,
+        "latent": {
+            "converted": first.kv_lora_rank,
+            "written": width,
+            "zero_padding": width - first.kv_lora_rank,
+        },
+        "rope_interleave": rope_interleave,
         "dtype": str(dtype).removeprefix("torch."),
     }
     with atomic_dir(out) as tmp:

@@ -95,6 +95,11 @@ class KVProjectionConfig(MethodConfig):
     """Project the keys only; values stay at full width."""
     rope: str = field(default="post", metadata={"choices": ROPE_MODES})
     """``post``: project rotated keys; ``pre``: project keys before RoPE, rotate after reconstructing."""
+    fold: bool = True
+    """Fold the down-projections into the dense projections and delete the rows they made redundant:
+    C into ``v_proj`` and D into ``o_proj`` always, A into ``k_proj`` with ``rope='pre'`` (post-RoPE keys
+    are rotated before A applies, so ``k_proj`` stays whole). The outputs do not change; parameters and
+    prefill work drop (see :mod:`lowrank.attention.low_rank_kv`)."""
     rank_allocation: str = field(default="uniform", metadata={"choices": RANK_ALLOCATIONS})
     """``uniform``: R = rank_fraction · d in every layer; ``budget``: the same total of cached dimensions
     spread over the layers (keys and values separately) to minimise the summed relative calibration error,
@@ -218,8 +223,11 @@ def _project_layer(
             rope=config.rope,
             dtype=ref.dtype,
         )
-        replace_module(layer, attention, ProjectedAttention(attn, projection))
+        wrapper = ProjectedAttention(attn, projection)
+        folded = wrapper.fold_projections() if config.fold else ()
+        replace_module(layer, attention, wrapper)
     record = {
+        "folded": list(folded),
         "key_rank": key_rank,
         "value_rank": value_rank,
         "logit_error_squared_relative": [float(e) for e in _relative(G_K, G_Q, keys)],

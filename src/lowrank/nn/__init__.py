@@ -5,6 +5,7 @@ from lowrank.nn.low_rank_linear import (  # noqa: I001  (registry first: the mod
     dense_parameters,
     dense_weight,
     factored_parameters,
+    folded_linear,
     parameters_saved,
 )
 from lowrank.nn.quantized_linear import QuantizedLinear
@@ -21,6 +22,7 @@ __all__ = [
     "QuantizedLinear",
     "dense_parameters",
     "dense_weight",
+    "folded_linear",
     "factored_parameters",
     "parameters_saved",
     "register_replacement",

@@ -16,7 +16,14 @@ from torch import nn
 from lowrank.linalg.allocation import dense_parameters, factored_parameters
 from lowrank.nn.registry import register_replacement
 
-__all__ = ["LowRankLinear", "dense_parameters", "factored_parameters", "parameters_saved", "dense_weight"]
+__all__ = [
+    "LowRankLinear",
+    "dense_parameters",
+    "factored_parameters",
+    "parameters_saved",
+    "dense_weight",
+    "folded_linear",
+]
 
 
 def parameters_saved(out_features: int, in_features: int, rank: int) -> int:
@@ -29,6 +36,40 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, LowRankLinear):
         return module.up.weight @ module.down.weight
     return module.weight
+
+
+def folded_linear(
+    linear: nn.Linear, *, outputs: torch.Tensor | None = None, inputs: torch.Tensor | None = None
+) -> nn.Linear:
+    """A new ``nn.Linear`` computing ``outputsᵀ · linear(inputs · x)`` (W' = outputsᵀ W inputs).
+
+    Folds a fixed linear map applied after a projection (``outputs``: out_features × new_out) or before it
+    (``inputs``: in_features × new_in) into its weight, so the product costs one matrix. The product is
+    formed in float64 and cast to the layer's dtype.
+
+    Raises:
+        ValueError: ``linear`` is not a plain ``nn.Linear``, or a map's shape does not fit it.
+    """
+    if type(linear) is not nn.Linear:
+        raise ValueError(f"only a plain nn.Linear can absorb a map; got {type(linear).__name__}")
+    for name, m, size in (("outputs", outputs, linear.out_features), ("inputs", inputs, linear.in_features)):
+        if m is not None and (m.ndim != 2 or m.shape[0] != size):
+            raise ValueError(f"{name} map must have {size} rows for this layer; got shape {tuple(m.shape)}")
+    weight = linear.weight.detach().double()
+    bias = None if linear.bias is None else linear.bias.detach().double()
+    if outputs is not None:
+        weight = outputs.to(weight).T @ weight
+        bias = None if bias is None else outputs.to(bias).T @ bias
+    if inputs is not None:
+        weight = weight @ inputs.to(weight)
+    out_features, in_features = weight.shape
+    like = linear.weight
+    new = nn.Linear(in_features, out_features, bias=bias is not None, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
 
 
 @register_replacement
