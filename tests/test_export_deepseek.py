@@ -80,16 +80,18 @@ def test_the_stock_model_reproduces_lowranks_runtime_and_the_original_when_exact
 
 def test_interleaved_rotary_rows_and_a_padded_latent_are_the_same_model(tmp_path):
     """The engine-shaped export (vLLM's CPU kernel: interleaved pairs, a latent padded to its fixed width)
-    gives the stock model the same logits and tokens, with exactly the padded width cached."""
-    model = make_tiny_model("llama", num_key_value_heads=2)
+    gives the stock model the same logits and tokens, with exactly the padded width cached; untied, a tied
+    source writes its own lm_head."""
+    model = make_tiny_model("llama", num_key_value_heads=2, tie_word_embeddings=True)
     compress(model, MLAConfig(rope_dim=4, kv_lora_rank=12), calibration=CALIB)
-    export_deepseek_v3(model, tmp_path / "ds", rope_interleave=True, kv_lora_rank=20)
+    export_deepseek_v3(model, tmp_path / "ds", rope_interleave=True, kv_lora_rank=20, untie_embeddings=True)
     stock = _stock(tmp_path / "ds", tmp_path)
     assert float((stock["logits"] - logits(model, IDS)).abs().max()) <= 1e-4
     assert torch.equal(stock["tokens"], model.generate(IDS[:1, :8], max_new_tokens=8, do_sample=False))
     assert stock["cache"] == [20, 4]
     config_json = json.loads((tmp_path / "ds" / "config.json").read_text())
     assert config_json["rope_interleave"] is True and config_json["kv_lora_rank"] == 20
+    assert config_json["tie_word_embeddings"] is False
     manifest = json.loads((tmp_path / "ds" / "lowrank.json").read_text())
     assert manifest["latent"] == {"converted": 12, "written": 20, "zero_padding": 8}
     with pytest.raises(ValueError, match="kv_lora_rank 8 is below the converted latent's 12"):

@@ -55,30 +55,34 @@ def test_cached_decode_equals_the_uncached_forward_and_the_cache_shrinks(arch):
         assert result.kv_bytes_per_token_before == 2 * 2 * 2 * 16 * 4
 
 
-@pytest.mark.parametrize("rope", ["post", "pre"])
-def test_folding_deletes_exactly_the_redundant_rows_and_changes_no_output(rope):
-    runs = {}
-    for fold in (False, True):
-        model = make_tiny_model("qwen2")  # biased k/v projections: their bias rows go too
-        result = compress(
-            model, KVProjectionConfig(rank_fraction=0.5, rope=rope, fold=fold), calibration=_calibration()
-        )
-        runs[fold] = (count_parameters(model), logits(model, IDS), decoded(model, IDS)[0], result)
-    c = model.config
-    hidden, H, H_kv, d, layers = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, 16, 2
-    R = d // 2
-    keys = (H_kv * (d - R) * (hidden + 1) + H_kv * d * R) if rope == "pre" else 0  # k_proj rows + A
-    values = H_kv * (d - R) * (hidden + 1) + 2 * H_kv * d * R  # v_proj rows + C and D
-    outputs = H * (d - R) * hidden  # o_proj's input columns (D folded in)
-    assert runs[False][0] - runs[True][0] == layers * (keys + values + outputs)
-    folded = {tuple(r.metrics["folded"]) for r in runs[True][3].modules.values()}
-    assert folded == {("k_proj", "o_proj", "v_proj") if rope == "pre" else ("o_proj", "v_proj")}
-    assert runs[True][3].kv_bytes_per_token_after == runs[False][3].kv_bytes_per_token_after
-    for got, want in zip(runs[True][1:3], runs[False][1:3], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    attention = model.model.layers[0].self_attn
-    assert attention.v_proj.out_features == H_kv * R and attention.o_proj.in_features == H * R
-    assert attention.k_proj.out_features == H_kv * (R if rope == "pre" else d)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_folding_deletes_exactly_the_redundant_rows_and_changes_no_output(arch):
+    for rope in _ropes(arch):
+        runs = {}
+        for fold in (False, True):
+            model = make_tiny_model(arch)
+            attention = model.model.layers[0].self_attn
+            bias = attention.v_proj.bias is not None  # qwen2: the bias rows go too
+            key_norm = getattr(attention, "k_norm", None) is not None  # qwen3, gemma3: keys cannot fold
+            config = KVProjectionConfig(rank_fraction=0.5, rope=rope, fold=fold)
+            result = compress(model, config, calibration=_calibration())
+            runs[fold] = (count_parameters(model), logits(model, IDS), decoded(model, IDS)[0], result)
+        c, d = model.config, model.model.layers[0].self_attn.head_dim
+        hidden, H, H_kv, layers = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, 2
+        R = d // 2
+        folds_keys = rope == "pre" and not key_norm
+        keys = H_kv * (d - R) * (hidden + bias) + H_kv * d * R if folds_keys else 0  # k_proj rows + A
+        values = H_kv * (d - R) * (hidden + bias) + 2 * H_kv * d * R  # v_proj rows + C and D
+        outputs = H * (d - R) * hidden  # o_proj's input columns (D folded in)
+        assert runs[False][0] - runs[True][0] == layers * (keys + values + outputs), (arch, rope)
+        folded = {tuple(r.metrics["folded"]) for r in runs[True][3].modules.values()}
+        assert folded == {("k_proj", "o_proj", "v_proj") if folds_keys else ("o_proj", "v_proj")}
+        assert runs[True][3].kv_bytes_per_token_after == runs[False][3].kv_bytes_per_token_after
+        for got, want in zip(runs[True][1:3], runs[False][1:3], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        attention = model.model.layers[0].self_attn
+        assert attention.v_proj.out_features == H_kv * R and attention.o_proj.in_features == H * R
+        assert attention.k_proj.out_features == H_kv * (R if folds_keys else d)
 
 
 def test_keys_only_keeps_values_at_full_width_and_generate_fills_the_projected_cache():

@@ -16,8 +16,13 @@ Optional: ``needs_positions`` (true when the cache must keep each token's positi
 rebuilt before RoPE; such a codec also has ``decode_rotated_keys(codes, cos, sin)``, which the cache calls to
 rebuild and rotate them)
 [False]; ``healing_scope()`` and ``healing_learning_rate(trainable)`` (see
-:mod:`lowrank.nn.registry`) [``'replaced'``, ``None``]. A saved model records the codec by its registered
-name, so a new codec is loadable once its module is imported.
+:mod:`lowrank.nn.registry`) [``'replaced'``, ``None``]; folding into the layer's dense projections:
+``fold_into(projections, layer) -> {name: new projection}`` (the wrapper swaps them in), ``folded`` (names
+of the projections that carry the codec's maps; they train with it under ``'replaced'``),
+``folded_shapes(projections)`` (their shapes, to rebuild the layer before loading), ``key_width`` and
+``value_width`` (per-head widths of what ``k_proj``/``v_proj`` give) and ``fused_keys`` (keys arrive as
+codes, not rotated) [no folding]. A saved model records the codec by its registered name, so a new codec
+is loadable once its module is imported.
 """
 
 from __future__ import annotations

@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pad the latent with zeros to R (>= the converted width; vLLM's CPU MLA kernel takes only 512): "
         "the same model, R minus the converted width more cached numbers per token and layer",
     )
+    p.add_argument(
+        "--untie-embeddings",
+        action="store_true",
+        help="write lm_head as its own copy of the embeddings (vLLM's DeepSeek-V3 model does not tie them)",
+    )
     p.set_defaults(func=run)
 
 
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         epsilon=args.latent_norm_eps or LATENT_NORM_EPS,
         rope_interleave=args.rope_interleave,
         kv_lora_rank=args.kv_lora_rank,
+        untie_embeddings=args.untie_embeddings,
         overwrite=args.overwrite,
     )
     print(f"wrote {out} (deepseek-v3; loads with transformers' AutoModelForCausalLM)")

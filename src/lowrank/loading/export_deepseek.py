@@ -11,7 +11,9 @@ pairs): ``rope_interleave=True`` permutes the rotary rows of ``q_proj`` and ``kv
 rotate-half order (pair i = features i, i + ρ/2) to interleaved order (pair i = features 2i, 2i + 1), which
 DeepSeek's interleaved RoPE maps back before rotating, so the scores are the same; ``kv_lora_rank=R``
 pads the latent with R − r zero rows in ``kv_a_proj_with_mqa`` and zero columns in ``kv_b_proj``: the same
-model, with R − r more cached numbers per token and layer.
+model, with R − r more cached numbers per token and layer. ``untie_embeddings=True`` writes ``lm_head`` as
+its own tensor: vLLM 0.32's DeepSeek-V3 model builds an ``lm_head`` of its own and never ties it to the
+embeddings, so a tied checkpoint would serve an uninitialised output layer there.
 
 **The latent RMSNorm.** DeepSeek normalises the latent (``kv_a_layernorm``, RMSNorm with ε = 1e-6 in
 transformers) before ``kv_b_proj``; the conversion's latent is a plain linear image of the input. The export
@@ -146,6 +148,7 @@ def export_deepseek_v3(
     epsilon: float = LATENT_NORM_EPS,
     rope_interleave: bool = False,
     kv_lora_rank: int | None = None,
+    untie_embeddings: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (every layer converted by ``mla`` with ``partial_rope='rorope'``) as a stock
@@ -160,6 +163,8 @@ def export_deepseek_v3(
         epsilon: the latent norm's ε the export assumes (transformers: 1e-6).
         rope_interleave: write the rotary rows in interleaved pair order (see the module docstring).
         kv_lora_rank: pad the latent with zeros to this width (≥ the conversion's; default: as converted).
+        untie_embeddings: write ``lm_head.weight`` as its own copy of the input embeddings and
+            ``tie_word_embeddings=False`` (vLLM's DeepSeek-V3 model ignores tied embeddings).
         overwrite: also replace a non-empty directory this toolkit did not write.
 
     Returns:
@@ -215,7 +220,7 @@ def export_deepseek_v3(
         hidden_act=source.hidden_act,
         max_position_embeddings=source.max_position_embeddings,
         rms_norm_eps=source.rms_norm_eps,
-        tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False)) and not untie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(source.rope_parameters["rope_theta"])},
         rope_interleave=rope_interleave,
         attention_bias=False,
@@ -233,7 +238,7 @@ def export_deepseek_v3(
     state["model.embed_tokens.weight"] = inner.embed_tokens.weight
     state["model.norm.weight"] = inner.norm.weight
     if not config.tie_word_embeddings:
-        state["lm_head.weight"] = model.get_output_embeddings().weight
+        state["lm_head.weight"] = model.get_output_embeddings().weight.detach().clone()
     for i, (layer, module) in enumerate(zip(layers, modules, strict=True)):
         p = f"model.layers.{i}."
         bound = _latent_bound(module, layer.input_layernorm)
@@ -285,6 +290,7 @@ def export_deepseek_v3(
             "zero_padding": width - first.kv_lora_rank,
         },
         "rope_interleave": rope_interleave,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": str(dtype).removeprefix("torch."),
     }
     with atomic_dir(out) as tmp:

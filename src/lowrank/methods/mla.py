@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 ROPE_SELECTIONS = ("high", "low", "uniform", "2-norm")
 LATENTS = ("joint", "split")
+LATENT_OBJECTIVES = ("kv", "attention")
 PARTIAL_ROPE = ("rorope", "mha2mla")
 
 
@@ -98,6 +99,11 @@ class MLAConfig(MethodConfig):
     """``rorope``: ``key`` (TransMLA's key PCA) or ``query-aware`` (balanced against the queries)."""
     balance: bool = True
     """``rorope``: scale the position-free keys to the values' norm before the joint latent (BKV-PCA)."""
+    latent_objective: str = field(default="kv", metadata={"choices": LATENT_OBJECTIVES})
+    """``rorope``: what the shared latent preserves. ``kv``: the position-free keys and the values as produced
+    (balanced by ``balance``); ``attention``: what is made of them: the scores every query head computes from
+    the keys and the outputs o_proj makes of the values, the keys weighted by each head's output spread
+    (``balance`` then has no effect)."""
     qk_nope_dim: int | None = field(default=None, metadata={"range": "[0, inf)"})
     """``rorope``: position-free query/key features per head (default head_dim − rope_dim, so q_proj keeps
     its size; head_dim is exact)."""

@@ -98,8 +98,38 @@ def _query_gram(Wq: torch.Tensor, G: torch.Tensor, Hkv: int, d: int) -> torch.Te
     return Cq
 
 
-def convert_attention(attn: nn.Module, G: torch.Tensor, config, sizes, decompose) -> tuple[nn.Module, dict]:
-    """The DeepSeek-layout replacement of one attention module and its record (see the module docstring)."""
+def _attention_weights(Wq, Wv, Wo, B_nope, G, tokens: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ω^{1/2} and Ω^{-1/2} of the ``attention`` latent objective over the rows [K_nope; V].
+
+    A position-free key error e of KV group g moves query head i's logit by s·q_iᵀ B_gᵀ e (s: the softmax
+    scale), and a logit error δ moves the head's output by about δ·W_O,i (v − o); a value error e moves it
+    by W_O,i e. So the key block is Σ_i λ_i s² B_g C_{q,i} B_gᵀ with C_{q,i} the query second moment and
+    λ_i = E‖W_O,i v‖² the head's output spread, and the value block is Σ_{i∈g} W_O,iᵀ W_O,i per group:
+    both in units of squared output error per token.
+    """
+    H, Hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    groups, per_token = H // Hkv, 1.0 / max(tokens, 1)
+    n_nope = B_nope.shape[0]
+    omega_k = Wq.new_zeros(n_nope, n_nope)
+    omega_v = Wq.new_zeros(Hkv * d, Hkv * d)
+    for i in range(H):
+        g = i // groups
+        W_i, Wo_i, Wv_g = Wq[i * d : (i + 1) * d], Wo[:, i * d : (i + 1) * d], Wv[g * d : (g + 1) * d]
+        out = Wo_i @ Wv_g  # (hidden, n): head i's output of its group's values
+        spread = float(torch.einsum("hn,nk,hk->", out, G, out)) * per_token
+        B_g = B_nope[:, g * d : (g + 1) * d]
+        omega_k += (spread * layer.scaling**2 * per_token) * (B_g @ W_i @ G @ W_i.T @ B_g.T)
+        omega_v[g * d : (g + 1) * d, g * d : (g + 1) * d] += Wo_i.T @ Wo_i
+    k_sqrt, k_isqrt = psd_sqrt(omega_k, 1e-6) if n_nope else (omega_k, omega_k)
+    v_sqrt, v_isqrt = psd_sqrt(omega_v, 1e-6)
+    return torch.block_diag(k_sqrt, v_sqrt), torch.block_diag(k_isqrt, v_isqrt)
+
+
+def convert_attention(
+    attn: nn.Module, G: torch.Tensor, config, sizes, decompose, tokens: int = 1
+) -> tuple[nn.Module, dict]:
+    """The DeepSeek-layout replacement of one attention module and its record (see the module docstring);
+    ``tokens``: how many calibration tokens G sums over."""
     layer = layer_attention(attn)
     H, Hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     rope, r, nope = sizes
@@ -129,13 +159,21 @@ def convert_attention(attn: nn.Module, G: torch.Tensor, config, sizes, decompose
             float(energy[rope:].sum()) / max(float(torch.einsum("an,nk,ak->", Wv, G, Wv)), 1e-300)
         )
     whitening = whiten(G, "eigh") if config.whiten else None
+    if getattr(config, "latent_objective", "kv") == "attention":
+        alpha = 1.0
+        Wo = dense_weight(attn.o_proj).detach().to(**f64)
+        weight_sqrt, weight_isqrt = _attention_weights(Wq, Wv, Wo, B[rope:], G, tokens, layer)
+    else:
+        weight_sqrt = weight_isqrt = None
     M = torch.cat([K_nope / alpha, Wv])
-    Mw = M if whitening is None else whitening.apply(M)
+    Mo = M if weight_sqrt is None else weight_sqrt @ M  # the rows whose error the latent minimises
+    Mw = Mo if whitening is None else whitening.apply(Mo)
     U, S, _ = decompose(Mw, r)
     total = float(Mw.square().sum())
     latent_loss = max(total - float(S.square().sum()), 0.0) / total if total > 0 else 0.0
-    L = U.T @ M  # (r, n): the latent's rows of kv_a_proj_with_mqa
-    B_k, B_v = alpha * U[: K_nope.shape[0]], U[K_nope.shape[0] :]
+    L = U.T @ Mo  # (r, n): the latent's rows of kv_a_proj_with_mqa
+    up = U if weight_isqrt is None else weight_isqrt @ U  # M ≈ up · L
+    B_k, B_v = alpha * up[: K_nope.shape[0]], up[K_nope.shape[0] :]
     scale = layer.scaling * math.sqrt(nope + rope)
     C_c = L @ G @ L.T
     C_c_sqrt, C_c_isqrt = psd_sqrt(C_c)
@@ -176,7 +214,8 @@ def convert_attention(attn: nn.Module, G: torch.Tensor, config, sizes, decompose
         ):
             linear.weight.copy_(torch.cat(rows).to(linear.weight))
         if bias:
-            latent_bias = U.T @ torch.cat([kb[rope:] / alpha, bv])
+            biases = torch.cat([kb[rope:] / alpha, bv])
+            latent_bias = U.T @ (biases if weight_sqrt is None else weight_sqrt @ biases)
             module.q_proj.bias.copy_(torch.cat(q_bias).to(module.q_proj.bias))
             module.kv_a_proj_with_mqa.bias.copy_(torch.cat([latent_bias, kb[:rope]]).to(module.q_proj.bias))
     record = {
@@ -203,7 +242,8 @@ def compress_rorope(model: nn.Module, config, ctx: RunContext) -> CompressionRes
     def process(index: int, layer: nn.Module, stats: dict) -> dict[str, Any]:
         attn = get_module(layer, spec.attention)
         with ctx.timings.measure("decomposition"), torch.no_grad():
-            module, record = convert_attention(attn, stats["input"].gram, config, sizes, decompose)
+            gram = stats["input"]
+            module, record = convert_attention(attn, gram.gram, config, sizes, decompose, gram.tokens)
         replace_module(layer, spec.attention, module)
         return {"entry": record}
 

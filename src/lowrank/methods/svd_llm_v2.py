@@ -31,6 +31,7 @@ from torch import nn
 
 from lowrank.calibration.pipeline import CalibrationStatistics, RunContext, collect_calibration_statistics
 from lowrank.calibration.statistics import Statistic, Timings
+from lowrank.core.config import Migration, unversioned
 from lowrank.linalg.allocation import ALLOCATION_RULES, allocate_ranks, break_even_rank
 from lowrank.linalg.whitening import whiten, whitened_spectrum
 from lowrank.methods.allocation import LOSS_RULES, LossAllocationConfig, allocate_by_loss
@@ -52,11 +53,19 @@ logger = logging.getLogger(__name__)
 ALLOCATIONS = ALLOCATION_RULES + LOSS_RULES
 
 
+def _allocation_was_uniform(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 → 2: the default allocation became ``auto``; a version-1 config that left it out meant
+    ``uniform``."""
+    return {**data, "allocation": data.get("allocation", "uniform")}
+
+
 @dataclass(kw_only=True)
 class SVDLLMV2Config(WhitenedConfig):
     """SVD-LLM V2: :class:`WhitenedConfig` plus the allocation fields; truncation defaults to ``eigh``."""
 
     method: ClassVar[str] = "svd-llm-v2"
+    version: ClassVar[int] = 2
+    migrations: ClassVar[dict[int, Migration]] = {0: unversioned, 1: _allocation_was_uniform}
     detail_labels: ClassVar[dict[str, str]] = {"allocation_rule": "rank allocation (rule that set the ranks)"}
     truncation: str = field(default="eigh", metadata={"choices": TRUNCATION_ROUTES})
     """Route to the loss minimiser; ``eigh`` is the paper's two-round SVD."""

@@ -1,0 +1,225 @@
+"""A DeepSeek-layout export of the built-in model served by vLLM (CPU): greedy tokens against transformers'.
+
+    make serve-vllm                                   # makes .venv-vllm (about 3.5 GB), then runs:
+    python -m benchmarks.serve_vllm --vllm-python .venv-vllm/bin/python
+
+The built-in model is converted by ``mla`` (``--partial-rope rorope``) with a rotary key of 64 and every
+position-free direction kept (latent 320 = 384 − 64, position-free queries of 64), and exported as stock
+DeepSeek-V3 in the only shape vLLM's CPU MLA kernel takes: latent padded with zeros to 512, rotary key 64,
+interleaved pairs, block size 16, and an untied ``lm_head`` (vLLM's DeepSeek-V3 model does not tie it):
+``lowrank export --rope-interleave --kv-lora-rank 512 --untie-embeddings``. 512 + 64 = 576
+cached numbers per token and layer is above the original's 384: this is a correctness check of the layout in
+a serving engine, not a saving.
+
+In the vLLM venv, by a driver that imports neither lowrank nor this package (``_vllm_driver.py``): stock
+transformers greedy-decodes every prompt from the export with ``DynamicCache``, then vLLM's offline ``LLM``
+does the same (temperature 0, ``ignore_eos``), both in float32. Prompts: the first ``--prompt-len`` tokens of
+``--prompts`` windows spread over wiki-test and shakespeare. lowrank's own runtime decodes them too (the
+converted model before export). Reported: prompts whose new tokens all agree, tokens agreeing before the
+first difference, and the position of each first difference.
+
+Conventions: ``prompt_match_rate`` = prompts with identical new tokens / prompts; ``token_match_rate`` =
+new tokens before each prompt's first difference / all new tokens. Writes
+``results/serve_vllm_cpu.{json,md}``; the last line printed is one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import compressed_copy, kv_statistics, load_for_evaluation, perplexities
+from benchmarks._sweep import Sweep, calibration_config, parser, settings
+
+ENGINE_SHAPE = {"rope_dim": 64, "kv_lora_rank": 512}
+"""vLLM's CPU MLA kernel: latent 512 + rotary key 64 (head_dim 576), interleaved pairs, block size 16."""
+
+
+def _parser():
+    p = parser(__doc__, "serve_vllm_cpu", calibration={"samples": 16, "seq_len": 512}, windows=(4, 2))
+    p.add_argument("--vllm-python", required=True, help="the interpreter of a venv with vllm-cpu installed")
+    p.add_argument("--prompts", type=int, default=12, help="prompts (12: 8 wiki-test, 4 shakespeare)")
+    p.add_argument("--prompt-len", type=int, default=48, help="prompt tokens (48)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt (32)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds the vLLM driver may take (1800)")
+    return p
+
+
+def prompts(eval_ids: dict[str, tuple[Any, int]], count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens: two thirds from wiki-test, the rest from shakespeare, each
+    from its own evenly spaced position."""
+    wiki = max(1, round(count * 2 / 3))
+    out = []
+    for corpus, n in (("wiki", wiki), ("shakespeare", count - wiki)):
+        ids = eval_ids[corpus][0]
+        step = (ids.numel() - length) // max(n, 1)
+        out += [ids[i * step : i * step + length].tolist() for i in range(n)]
+    return out
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
+    """Prompt- and token-level agreement of two engines' new tokens (see the module docstring)."""
+    first = []
+    for a, b in zip(reference, other, strict=True):
+        diff = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        first.append(diff if diff is not None or len(a) == len(b) else min(len(a), len(b)))
+    total = sum(map(len, reference))
+    agreed = sum(len(a) if d is None else d for a, d in zip(reference, first, strict=True))
+    return {
+        "prompt_match_rate": sum(d is None for d in first) / len(first),
+        "token_match_rate": agreed / total,
+        "first_difference": first,
+    }
+
+
+def lowrank_tokens(model, batch: list[list[int]], new: int) -> list[list[int]]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in batch:
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            out.append(gen[0, len(ids) :].tolist())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    vllm_python = Path(args.vllm_python)
+    if not vllm_python.is_file():
+        raise SystemExit(f"--vllm-python {vllm_python} does not exist; make serve-vllm creates .venv-vllm")
+    import torch
+
+    from lowrank.io.data import calibration_batches, load_text
+    from lowrank.loading.export_deepseek import export_deepseek_v3
+    from lowrank.methods import MLAConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sweep = Sweep(args, "serve_vllm", settings(args))
+    original, tokenizer, eval_ids = load_for_evaluation(args)
+    calib = calibration_batches(
+        tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=0
+    )
+    stats, _ = kv_statistics(original, calib)
+    full = 2 * 3 * 64 - ENGINE_SHAPE["rope_dim"]  # every position-free direction of the built-in model
+    config = MLAConfig(
+        rope_dim=ENGINE_SHAPE["rope_dim"],
+        kv_lora_rank=full,
+        qk_nope_dim=64,
+        calibration=calibration_config(args, sequential=False),
+    )
+    model, result = compressed_copy(original, config, stats)
+    batch = prompts(eval_ids, args.prompts, args.prompt_len)
+    quality = sweep.once(
+        "quality",
+        lambda: {"original": perplexities(original, eval_ids), "converted": perplexities(model, eval_ids)},
+    )
+    ours = lowrank_tokens(model, batch, args.max_new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "export"
+        export_deepseek_v3(
+            model,
+            out,
+            tokenizer=tokenizer,
+            calibration=calib[:4],
+            rope_interleave=True,
+            kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
+            untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
+        )
+        manifest = json.loads((out / "lowrank.json").read_text())
+        spec = {"prompts": batch, "max_new_tokens": args.max_new_tokens, "dtype": "float32"}
+        (Path(tmp) / "prompts.json").write_text(json.dumps(spec))
+        driver = Path(__file__).with_name("_vllm_driver.py")
+        run = subprocess.run(
+            [str(vllm_python), str(driver), str(out), f"{tmp}/prompts.json", f"{tmp}/tokens.json"],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
+        if run.returncode != 0:
+            raise SystemExit(f"the vLLM driver failed (rc {run.returncode}):\n{run.stderr[-4000:]}")
+        engines = json.loads((Path(tmp) / "tokens.json").read_text())
+    stock = engines["transformers"]["tokens"]
+    sweep.rows["serve"] = {
+        "conversion": {
+            "config": result.config,
+            "seconds": round(result.time_total_s, 1),
+            "kv_bytes_per_token": result.kv_bytes_per_token_after,
+        },
+        "export": {
+            "cached_numbers_per_token_and_layer": manifest["cached_numbers_per_token_and_layer"],
+            "latent": manifest["latent"],
+            "rope_interleave": manifest["rope_interleave"],
+        },
+        "engines": {
+            name: {f: v for f, v in engine.items() if f != "tokens"}
+            for name, engine in engines.items()
+            if name in ("transformers", "vllm")
+        },
+        "driver_imported_lowrank": engines["lowrank_imported"],
+        "vllm_vs_transformers": agreement(stock, engines["vllm"]["tokens"]),
+        "transformers_vs_lowrank": agreement(ours, stock),
+        "vllm_vs_lowrank": agreement(ours, engines["vllm"]["tokens"]),
+        "tokens": {"lowrank": ours, "transformers": stock, "vllm": engines["vllm"]["tokens"]},
+    }
+    sweep.save()
+    payload = {"quality": quality, **sweep.rows["serve"], "prompts": len(batch)}
+    payload["conventions"] = {
+        "prompt_match_rate": "prompts whose new tokens are all identical / prompts",
+        "token_match_rate": "new tokens before each prompt's first difference / all new tokens",
+    }
+    return sweep.finish(
+        payload,
+        markdown,
+        final=lambda p: {
+            "prompt_match_rate": p["vllm_vs_transformers"]["prompt_match_rate"],
+            "token_match_rate": p["vllm_vs_transformers"]["token_match_rate"],
+        },
+    )
+
+
+def markdown(p: dict[str, Any]) -> str:
+    from lowrank.cli._common import format_table
+
+    env, s = p["env"], p["settings"]
+    rows = [
+        (name, f"{r['prompt_match_rate']:.3f}", f"{r['token_match_rate']:.3f}", str(r["first_difference"]))
+        for name, r in (
+            ("vLLM vs transformers", p["vllm_vs_transformers"]),
+            ("transformers vs lowrank", p["transformers_vs_lowrank"]),
+            ("vLLM vs lowrank", p["vllm_vs_lowrank"]),
+        )
+    ]
+    engines = [
+        (e["engine"], f"{e['load_seconds']:.1f}", f"{e['generate_seconds']:.1f}")
+        for e in p["engines"].values()
+    ]
+    q = p["quality"]
+    return "\n\n".join(
+        [
+            f"# The DeepSeek-V3 export served by vLLM on {env['device_name']}",
+            f"{s['model']} converted by mla rorope (rotary key 64, latent 320, position-free queries 64; "
+            f"wiki {q['original']['wiki']:.2f} → {q['converted']['wiki']:.2f}, shakespeare "
+            f"{q['original']['shakespeare']:.2f} → {q['converted']['shakespeare']:.2f}), exported with the "
+            f"latent padded to {p['export']['latent']['written']} and interleaved rotary pairs: "
+            f"{p['export']['cached_numbers_per_token_and_layer']} cached numbers per token and layer, above "
+            "the original's 384 (a correctness check of the layout in an engine, not a saving). "
+            f"{p['prompts']} prompts of {s['prompt_len']} tokens, {s['max_new_tokens']} greedy tokens each, "
+            f"float32. torch {env['torch']}, git {env['git_sha']}.",
+            "The driver that ran transformers and vLLM imported lowrank: "
+            f"{'yes' if p['driver_imported_lowrank'] else 'no'}.",
+            format_table(["comparison", "prompt match", "token match", "first difference per prompt"], rows),
+            "`prompt match` = prompts with identical new tokens / prompts; `token match` = new tokens before "
+            "each prompt's first difference / all new tokens; `None` = no difference.",
+            format_table(["engine", "load s", "generate s"], engines),
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
