@@ -6,7 +6,8 @@ cache after a forward pass, parameters. Budgets: the seed's 120 numbers per toke
 rotary + 32 latent per KV head; rorope: rotary key 16 + latent 104, or 32 + 88), then 50 %, 25 % and
 12.5 % of the cache. Ablations at 120 numbers (rope 32 + latent 88): RoRoPE alone (full latent) against
 2-norm partial RoPE alone; freqfold 1/2/4/8; balanced or not; whitened or plain SVD; key-only or
-query-aware rotation; position-free query width d − rope (default, fewer parameters) or d. Last: the
+query-aware rotation; the latent's objective (key/value outputs, or weighted by the queries and W_O that
+read them); position-free query width d − rope (default, fewer parameters) or d. Last: the
 stock-transformers export of the 120-number default model, its perplexity against lowrank's runtime.
 
 Every setting is fixed before the run or chosen on calibration text; the test splits are only measured.
@@ -74,6 +75,13 @@ def plan_configs() -> list[dict[str, Any]]:
         _spec("ablation/unbalanced", "unbalanced latent", 120, **base, balance=False),
         _spec("ablation/plain-svd", "plain weight SVD (no whitening)", 120, **base, whiten=False),
         _spec("ablation/query-aware", "query-aware rotation", 120, **base, rotation="query-aware"),
+        _spec(
+            "ablation/attention-objective",
+            "latent weighted by what reads it (queries, W_O)",
+            120,
+            **base,
+            latent_objective="attention",
+        ),
         _spec(
             "ablation/nope64", "position-free queries of 64 (more parameters)", 120, **base, qk_nope_dim=64
         ),

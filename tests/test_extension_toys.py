@@ -15,7 +15,7 @@ import lowrank.attention.codecs as codecs
 import lowrank.methods.base as base
 import lowrank.nn.registry as replacements
 from lowrank.attention.cache import install_cache, kv_bytes_per_token, make_cache
-from lowrank.attention.codecs import register_codec
+from lowrank.attention.codecs import KVCodec, register_codec
 from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.evaluation import memory_report
 from lowrank.loading.serialization import load_compressed, save_compressed
@@ -150,7 +150,7 @@ def test_a_weight_format_defined_here_is_counted_saved_loaded_and_healed(registr
 
 def _half_keys_codec():
     @register_codec
-    class SubspaceKeys(nn.Module):
+    class SubspaceKeys(KVCodec):
         """Caches each KV head's keys as their coordinates on R orthonormal directions, values in full."""
 
         def __init__(self, num_heads, num_kv_heads, head_dim, rank, device=None, dtype=None):
@@ -258,3 +258,23 @@ def test_a_codec_defined_here_stores_the_bytes_it_predicts_saves_and_heals(regis
     assert default_learning_rate(model) == LEARNING_RATE and resolve_trainable(model) == "replaced"
     with pytest.raises(ValueError, match=r"unknown KV codec 'Nope'; known: .*SubspaceKeys"):
         codecs.codec_class("Nope")
+
+
+def test_a_codec_must_take_the_base_class_that_holds_the_optional_contract(registries):
+    class Bare(nn.Module):  # every required method, but not a KVCodec
+        encode = attend = decode = cached_numbers = codec_spec = from_codec_spec = lambda *a, **k: None
+
+    with pytest.raises(TypeError, match=r"must subclass lowrank\.attention\.codecs\.KVCodec.*KVCodec base"):
+        register_codec(Bare)
+
+    class Partial(KVCodec):
+        encode = attend = decode = lambda *a, **k: None
+
+    with pytest.raises(TypeError, match=r"lacks cached_numbers, codec_spec, from_codec_spec"):
+        register_codec(Partial)
+    assert "Bare" not in codecs.codec_names() and "Partial" not in codecs.codec_names()
+    # the defaults a minimal codec inherits: nothing folded, no positions kept, healing as 'replaced'
+    plain = KVCodec()
+    defaults = (plain.folded, plain.needs_positions, plain.fused_keys, plain.key_width)
+    assert defaults == ((), False, False, None)
+    assert plain.fold_into({}, None) == {} and plain.healing_scope() == "replaced"

@@ -1,7 +1,7 @@
-"""The registry of KV codecs: the modules inside :class:`~lowrank.attention.wrapper.ProjectedAttention` that
-decide what the cache stores.
+"""KV codecs, the modules inside :class:`~lowrank.attention.wrapper.ProjectedAttention` that decide what the
+cache stores, and their registry.
 
-A codec class registers itself with :func:`register_codec` and implements
+A codec subclasses :class:`KVCodec`, registers itself with :func:`register_codec`, and implements
 
 * ``encode(keys, values, rope_tables) -> (key_codes, value_codes)``: what the cache stores for new rotated
   keys and values;
@@ -12,46 +12,80 @@ A codec class registers itself with :func:`register_codec` and implements
 * ``codec_spec() -> dict`` and ``from_codec_spec(spec, device=, dtype=)``: its shape, for saving;
 * attributes ``num_kv_heads`` and ``head_dim`` (the layer's original cache shape).
 
-Optional: ``needs_positions`` (true when the cache must keep each token's position, because keys are
-rebuilt before RoPE; such a codec also has ``decode_rotated_keys(codes, cos, sin)``, which the cache calls to
-rebuild and rotate them)
-[False]; ``healing_scope()`` and ``healing_learning_rate(trainable)`` (see
-:mod:`lowrank.nn.registry`) [``'replaced'``, ``None``]; folding into the layer's dense projections:
-``fold_into(projections, layer) -> {name: new projection}`` (the wrapper swaps them in), ``folded`` (names
-of the projections that carry the codec's maps; they train with it under ``'replaced'``),
-``folded_shapes(projections)`` (their shapes, to rebuild the layer before loading), ``key_width`` and
-``value_width`` (per-head widths of what ``k_proj``/``v_proj`` give) and ``fused_keys`` (keys arrive as
-codes, not rotated) [no folding]. A saved model records the codec by its registered name, so a new codec
-is loadable once its module is imported.
+:class:`KVCodec` gives the optional rest of the contract its defaults (no positions kept, nothing folded,
+healing as the method's other replaced modules); a codec overrides what it needs. A saved model records
+the codec by its registered name, so a new codec is loadable once its module is imported.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
-__all__ = ["register_codec", "codec_class", "codec_names", "CODEC_METHODS"]
+__all__ = ["KVCodec", "register_codec", "codec_class", "codec_names", "CODEC_METHODS"]
 
 CODEC_METHODS = ("encode", "attend", "decode", "cached_numbers", "codec_spec", "from_codec_spec")
-_CODECS: dict[str, type[nn.Module]] = {}
 
-C = TypeVar("C", bound=type[nn.Module])
+
+class KVCodec(nn.Module):
+    """Base of the KV codecs: the optional part of the contract (see the module docstring), with defaults.
+
+    Subclasses implement :data:`CODEC_METHODS` and override what applies to them.
+    """
+
+    needs_positions: bool = False
+    """The cache must keep each token's position: keys are rebuilt before RoPE, by
+    ``decode_rotated_keys(codes, cos, sin)``, which such a codec then implements."""
+    fused_keys: bool = False
+    """Keys arrive from ``k_proj`` as codes of the un-rotated keys (a map folded into it): not rotated."""
+    folded: tuple[str, ...] = ()
+    """Names of the layer's projections that carry folded maps of this codec (they train with it)."""
+    key_width: int | None = None
+    """Per-head width of what ``k_proj`` gives, when a fold changed it (``None``: ``head_dim``)."""
+    value_width: int | None = None
+    """Per-head width of what ``v_proj`` gives (and per query head of what ``o_proj`` takes)."""
+
+    def decode_rotated_keys(self, codes: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not rebuild keys before RoPE")
+
+    def fold_into(self, projections: dict[str, nn.Module], layer: Any) -> dict[str, nn.Module]:
+        """Fold the codec's maps into the layer's ``k_proj``/``v_proj``/``o_proj`` (``projections``) where
+        its algebra allows; return the projections to swap in. Default: nothing folds."""
+        return {}
+
+    def folded_shapes(self, projections: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each folded projection, to rebuild the layer before loading."""
+        return {}
+
+    def healing_scope(self) -> str:
+        """What heals with the codec (see :mod:`lowrank.nn.registry`): ``'replaced'``, the codec alone."""
+        return "replaced"
+
+    def healing_learning_rate(self, trainable: str) -> float | None:
+        """Peak learning rate for healing under ``trainable``; ``None``: the method's default."""
+        return None
+
+
+_CODECS: dict[str, type[KVCodec]] = {}
+
+C = TypeVar("C", bound=type[KVCodec])
 
 
 def register_codec(cls: C) -> C:
     """Class decorator: make ``cls`` a KV codec, saved and rebuilt under its class name."""
     missing = [name for name in CODEC_METHODS if not callable(getattr(cls, name, None))]
-    if missing or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    if missing or not (isinstance(cls, type) and issubclass(cls, KVCodec)):
         raise TypeError(
-            f"a KV codec must be an nn.Module with {', '.join(CODEC_METHODS)}; {cls!r} lacks "
-            f"{', '.join(missing) or 'nn.Module'}"
+            f"a KV codec must subclass lowrank.attention.codecs.KVCodec and implement "
+            f"{', '.join(CODEC_METHODS)}; {cls!r} lacks {', '.join(missing) or 'the KVCodec base'}"
         )
     _CODECS[cls.__name__] = cls
     return cls
 
 
-def codec_class(name: str) -> type[nn.Module]:
+def codec_class(name: str) -> type[KVCodec]:
     """The registered codec called ``name``.
 
     Raises:

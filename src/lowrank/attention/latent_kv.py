@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.attention.codecs import register_codec
+from lowrank.attention.codecs import KVCodec, register_codec
 from lowrank.attention.rope import pair_dims, unrotate
 
 __all__ = ["LatentKV", "LATENT_MODES"]
@@ -40,7 +40,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @register_codec
-class LatentKV(nn.Module):
+class LatentKV(KVCodec):
     """Partial RoPE plus latent K/V of one attention layer.
 
     Args:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.attention.codecs import register_codec
+from lowrank.attention.codecs import KVCodec, register_codec
 from lowrank.attention.rope import unrotate
 from lowrank.nn import folded_linear
 
@@ -51,7 +51,7 @@ tokens (benchmarks/results/heal_cpu.md)."""
 
 
 @register_codec
-class KVProjection(nn.Module):
+class KVProjection(KVCodec):
     """Key (and optionally value) projections of one attention layer.
 
     Args:

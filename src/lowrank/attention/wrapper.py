@@ -171,8 +171,8 @@ class ProjectedAttention(nn.Module):
         layer = self.layer
         codec = self.kv
         queries = self._heads(self.q_proj(hidden_states), layer.q_norm)
-        keys = self._heads(self.k_proj(hidden_states), layer.k_norm, getattr(codec, "key_width", None))
-        values = self._heads(self.v_proj(hidden_states), None, getattr(codec, "value_width", None))
+        keys = self._heads(self.k_proj(hidden_states), layer.k_norm, codec.key_width)
+        values = self._heads(self.v_proj(hidden_states), None, codec.value_width)
         if layer.rope:
             if position_embeddings[0].shape[-1] != self.head_dim:
                 raise ValueError(
@@ -180,7 +180,7 @@ class ProjectedAttention(nn.Module):
                     f"heads of {self.head_dim}; only full-width rotary embeddings are supported"
                 )
             queries = rotate(queries, *position_embeddings)
-            if not getattr(codec, "fused_keys", False):  # folded keys are codes of the un-rotated keys
+            if not codec.fused_keys:  # folded keys are codes of the un-rotated keys
                 keys = rotate(keys, *position_embeddings)
         projects = isinstance(cache, ProjectedKVCache) and self.layer_idx in cache.projected
         if projects:
@@ -218,37 +218,29 @@ class ProjectedAttention(nn.Module):
         """Fold the codec's maps into ``k_proj``/``v_proj``/``o_proj`` where its algebra allows (the
         codec's ``fold_into``; see :mod:`lowrank.attention.low_rank_kv`), deleting the rows they made
         redundant. Returns the names of the projections replaced; the outputs do not change."""
-        fold = getattr(self.kv, "fold_into", None)
-        if fold is None:
-            return ()
-        replaced = fold({name: getattr(self, name) for name in _FOLDABLE}, self.layer)
+        replaced = self.kv.fold_into({name: getattr(self, name) for name in _FOLDABLE}, self.layer)
         for name, module in replaced.items():
             replace_module(self, name, module)
         return tuple(sorted(replaced))
-
-    def _folded(self) -> tuple[str, ...]:
-        return tuple(getattr(self.kv, "folded", ()))
 
     # -- healing protocol (see lowrank.nn.registry) --------------------------------------------
     def healing_scope(self) -> str:
         """``'attention'`` when its codec asks for the whole attention to train (partial RoPE), else
         ``'replaced'``."""
-        scope = getattr(self.kv, "healing_scope", None)
-        return scope() if scope is not None else "replaced"
+        return self.kv.healing_scope()
 
     def healing_parameters(self, trainable: str):
         """The codec (and the projections that absorbed its maps) under ``'replaced'``: the rest of q/k/v/o
         is the original's, unless itself replaced; everything under ``'attention'``."""
         if trainable == "attention":
             return self.parameters()
-        folded = [p for name in self._folded() for p in getattr(self, name).parameters()]
+        folded = [p for name in self.kv.folded for p in getattr(self, name).parameters()]
         return [*self.kv.parameters(), *folded]
 
     def healing_learning_rate(self, trainable: str) -> float | None:
         if trainable == "attention":
             return ATTENTION_LEARNING_RATE
-        rate = getattr(self.kv, "healing_learning_rate", None)
-        return rate(trainable) if rate is not None else None
+        return self.kv.healing_learning_rate(trainable)
 
     # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     def replacement_spec(self) -> dict[str, Any]:
@@ -271,9 +263,7 @@ class ProjectedAttention(nn.Module):
         except (KeyError, TypeError) as exc:
             raise ValueError(f"ProjectedAttention spec for {name} is incomplete: {spec!r}") from exc
         module = cls(original, codec)
-        shapes = getattr(codec, "folded_shapes", None)
-        shapes = shapes(dict(module.named_children())) if shapes else {}
-        for part, (out_features, in_features) in shapes.items():
+        for part, (out_features, in_features) in codec.folded_shapes(dict(module.named_children())).items():
             old = getattr(module, part)
             replace_module(
                 module,
@@ -299,7 +289,7 @@ def _layer_type(module: ProjectedAttention) -> str | None:
 
 def _pre(module: ProjectedAttention) -> bool:
     """The layer reconstructs its keys before RoPE (the cache must keep positions)."""
-    return bool(getattr(module.kv, "needs_positions", False))
+    return module.kv.needs_positions
 
 
 @register_cache
@@ -319,7 +309,15 @@ class ProjectedKVCache(DynamicCache):
         self.projected = dict(layers or {})
         self.positions: dict[int, torch.Tensor] = {}
         self._rotary = rotary
-        self._tables_memo: dict[Any, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._rotary_takes_layer_type = (
+            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        )
+        self._last_pre: dict[str | None, int] = {}
+        """Per layer type, the highest pre-RoPE layer: the one that releases the pass's cos/sin."""
+        for i, module in sorted(self.projected.items()):
+            if _pre(module):
+                self._last_pre[_layer_type(module)] = i
+        self._tables_memo: dict[str | None, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ProjectedKVCache:
@@ -399,19 +397,15 @@ class ProjectedKVCache(DynamicCache):
         the tables and the later layers of the same pass (higher indices, same length) reuse them; the
         last one lets them go, so nothing but codes and positions stays in the cache between passes.
         """
-        params = inspect.signature(self._rotary.forward).parameters
-        extra = {}
-        if "layer_type" in params:
-            extra["layer_type"] = module.config.layer_types[module.layer_idx]
         kind = _layer_type(module)
         layer_idx, length = module.layer_idx, positions.shape[-1]
         memo = self._tables_memo.get(kind)
         if memo is None or memo[1] != length or layer_idx <= memo[0] or memo[2].dtype != like.dtype:
+            extra = {"layer_type": kind} if self._rotary_takes_layer_type else {}
             cos, sin = self._rotary(like, positions.long(), **extra)
         else:
             cos, sin = memo[2], memo[3]
-        last = max(i for i, m in self.projected.items() if _pre(m) and _layer_type(m) == kind)
-        if layer_idx >= last:
+        if layer_idx >= self._last_pre[kind]:
             self._tables_memo.pop(kind, None)
         else:
             self._tables_memo[kind] = (layer_idx, length, cos, sin)
