@@ -99,6 +99,22 @@ def test_interleaved_rotary_rows_and_a_padded_latent_are_the_same_model(tmp_path
     assert not (tmp_path / "cut").exists()
 
 
+def test_a_ladder_of_the_fastest_frequencies_exports_with_its_own_base(tmp_path):
+    """rope_stride 1 (the fastest frequencies, a rotary width that does not divide head_dim): the stock
+    model turns its rotary key at the same angles through the base export writes, so the logits and tokens
+    are lowrank's."""
+    model = make_tiny_model("llama", num_key_value_heads=2)
+    theta = float(model.config.rope_parameters["rope_theta"])
+    compress(model, MLAConfig(rope_dim=6, rope_stride=1, kv_lora_rank=12), calibration=CALIB)
+    export_deepseek_v3(model, tmp_path / "ds")
+    stock = _stock(tmp_path / "ds", tmp_path)
+    assert float((stock["logits"] - logits(model, IDS)).abs().max()) <= 1e-4
+    assert torch.equal(stock["tokens"], model.generate(IDS[:1, :8], max_new_tokens=8, do_sample=False))
+    config_json = json.loads((tmp_path / "ds" / "config.json").read_text())
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert config_json["rope_parameters"]["rope_theta"] == pytest.approx(theta ** (6 / head_dim), rel=1e-12)
+
+
 def test_without_the_linear_norm_trick_the_stock_model_would_differ(tmp_path):
     """The δ scaling is what keeps the export exact: with a ratio near 1 the norm's nonlinearity shows."""
     model = make_tiny_model("llama", num_key_value_heads=1)

@@ -11,6 +11,7 @@ from conftest import make_tiny_model, random_tokens
 from lowrank.attention.deepseek_mla import DeepseekLatentAttention, LatentRopeCache
 from lowrank.evaluation.memory import memory_report
 from lowrank.linalg.rorope import rope_ladder, rorope
+from lowrank.loading.export_deepseek import stock_rope_theta
 from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import MLAConfig, compress, count_parameters
 
@@ -79,6 +80,19 @@ def test_rope_ladder_is_deepseeks_frequency_ladder():
     original = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     deepseek = base ** (-torch.arange(0, rope, 2, dtype=torch.float64) / rope)
     torch.testing.assert_close(original[kept], deepseek)
+
+
+@pytest.mark.parametrize(
+    ("rope", "stride", "kept"), [(8, None, [0, 4, 8, 12]), (8, 1, [0, 1, 2, 3]), (12, 2, [0, 2, 4, 6, 8, 10])]
+)
+def test_a_strided_ladder_is_a_stock_ladder_with_another_base(rope, stride, kept):
+    """Every stride keeps frequencies j·s from the fastest, which a stock rotary key of width rope turns at
+    with the base export writes (stock_rope_theta): the same angles, to float64 rounding."""
+    base, d = 10000.0, 32
+    assert rope_ladder(d, rope, stride).tolist() == kept
+    original = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    stock = stock_rope_theta(base, d, kept) ** (-torch.arange(0, rope, 2, dtype=torch.float64) / rope)
+    torch.testing.assert_close(original[kept], stock, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("arch", EXACT_FAMILIES)
@@ -161,7 +175,8 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
 @pytest.mark.parametrize(
     ("arch", "kwargs", "message"),
     [
-        ("llama", {"rope_dim": 6}, r"rope_dim must be one of \[2, 4, 8, 16\] \(head_dim 16\); got 6"),
+        ("llama", {"rope_dim": 18}, r"rope_dim must be even and in \[2, head_dim\] = \[2, 16\]; got 18"),
+        ("llama", {"rope_dim": 6, "rope_stride": 3}, r"rope_stride must be an integer in \[1, 2\]"),
         ("llama", {"rope_dim": 4, "freqfold": 3}, r"freqfold must be one of \[1, 2, 4, 8\]"),
         ("llama", {"rope_dim": 4, "kv_lora_rank": 61}, r"kv_lora_rank must be in \[1, 60\]"),
         ("qwen3", {"rope_dim": 4}, "normalised"),

@@ -9,9 +9,11 @@ halves as separate samples); the top components of a block then keep RoPE and th
 With ``freqfold`` f > 1 adjacent frequencies share one block (the map mixes frequencies, so it is exact
 only at f = 1).
 
-The kept components rotate at every ``collapse``-th frequency, ``collapse = head_dim / rope_dim``: the
-frequencies ``θ_{j·collapse}``, j < rope_dim/2, are exactly those of DeepSeek's rotary key of width
-``rope_dim`` with the same base (``base^(−2j/rope_dim)``).
+The kept components rotate at every ``stride``-th frequency, j < rope_dim/2. TransMLA's ladder takes
+``stride = head_dim / rope_dim``: the frequencies ``θ_{j·stride}`` are exactly those of DeepSeek's rotary key
+of width ``rope_dim`` with the same base (``base^(−2j/rope_dim)``). A smaller stride keeps the faster
+frequencies and leaves the slowest ones, which barely turn over a context, position-free; its stock
+rotary key has base ``base^(stride · rope_dim / head_dim)``.
 
 The query-aware choice balances keys against queries (the KQᵀ objective): with K-Gram Lk Lkᵀ and Q-Gram
 Lq Lqᵀ, ``Lqᵀ Lk = U Σ Vᵀ`` and ``T = Σ^{-1/2} Uᵀ Lqᵀ``: both the keys' and the queries' Grams become Σ, so
@@ -32,17 +34,34 @@ __all__ = ["ROTATIONS", "rope_ladder", "rorope", "psd_sqrt"]
 ROTATIONS = ("key", "query-aware")
 
 
-def rope_ladder(head_dim: int, rope_dim: int) -> torch.Tensor:
-    """Frequency indices (of the head's d/2) that the shared rotary key keeps: ``j · d/rope_dim``.
+def rope_ladder(head_dim: int, rope_dim: int, stride: int | None = None) -> torch.Tensor:
+    """Frequency indices (of the head's d/2) that the shared rotary key keeps: ``j · stride``, j < rope_dim/2.
+
+    ``stride`` defaults to ``⌊d / rope_dim⌋`` (for a divisor of d, DeepSeek's and TransMLA's ladder, spread
+    over the whole band, same base); ``1`` keeps the ``rope_dim/2`` fastest frequencies. Any stride is one
+    geometric ladder from frequency 0, so a stock rotary key of width ``rope_dim`` with base
+    ``base^(stride · rope_dim/d)`` turns at exactly these frequencies.
 
     Raises:
-        ValueError: ``rope_dim`` is not an even divisor of ``head_dim`` (names the valid widths).
+        ValueError: ``rope_dim`` is odd or outside [2, head_dim], or ``stride`` reaches past the head's
+            frequencies (names the valid values).
     """
     half = head_dim // 2
-    if rope_dim < 2 or rope_dim % 2 or half % (rope_dim // 2):
-        valid = [2 * p for p in range(1, half + 1) if half % p == 0]
-        raise ValueError(f"rope_dim must be one of {valid} (head_dim {head_dim}); got {rope_dim}")
-    return torch.arange(0, half, half // (rope_dim // 2))
+    if (
+        isinstance(rope_dim, bool)
+        or not isinstance(rope_dim, int)
+        or not 2 <= rope_dim <= head_dim
+        or rope_dim % 2
+    ):
+        raise ValueError(f"rope_dim must be even and in [2, head_dim] = [2, {head_dim}]; got {rope_dim!r}")
+    widest = half // (rope_dim // 2)
+    stride = widest if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= widest:
+        raise ValueError(
+            f"rope_stride must be an integer in [1, {widest}] (head_dim {head_dim}, rope_dim {rope_dim}); "
+            f"got {stride!r}"
+        )
+    return torch.arange(0, stride * (rope_dim // 2), stride)
 
 
 def psd_sqrt(C: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +100,7 @@ def rorope(
     freqfold: int = 1,
     query_gram: torch.Tensor | None = None,
     damping: float = 0.01,
+    stride: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The RoRoPE change of basis of one layer's keys (and queries).
 
@@ -93,18 +113,19 @@ def rorope(
         query_gram: (D, D) Gram of the queries in the same coordinates (each query head embedded at its
             KV head's block, summed over heads): the query-aware (balanced) map; ``None``: key PCA.
         damping: ``damping · mean(diag)`` added to each block's Gram (TransMLA: 1 %).
+        stride: the rotary key's frequency ladder (see :func:`rope_ladder`; default d / rope_dim).
 
     Returns:
         ``(A, B)``, both (D, D): new keys ``A k`` and queries ``B q`` with ``(B q)·(A k) = q·k``
         (``B = A⁻ᵀ``; ``B = A`` for key PCA). Rows ``[0, rope_dim)`` are the shared rotary key in
         rotate-half layout (row j and row j + rope_dim/2 are the real and imaginary parts rotating at
-        frequency ``rope_ladder(d, rope_dim)[j]``); rows ``[rope_dim, D)`` are position-free.
+        frequency ``rope_ladder(d, rope_dim, stride)[j]``); rows ``[rope_dim, D)`` are position-free.
 
     Raises:
         ValueError: sizes that do not fit (the message names the valid values).
     """
     half, H = head_dim // 2, num_kv_heads
-    ladder = rope_ladder(head_dim, rope_dim)
+    ladder = rope_ladder(head_dim, rope_dim, stride)
     if freqfold < 1 or half % freqfold:
         valid = [f for f in range(1, half + 1) if half % f == 0]
         raise ValueError(f"freqfold must be one of {valid} (head_dim {head_dim}); got {freqfold}")

@@ -43,7 +43,7 @@ from lowrank.nn.architectures import decoder_layers, get_arch_spec
 from lowrank.nn.attention_layout import attention_info, attention_shape
 from lowrank.nn.surgery import get_module
 
-__all__ = ["export_deepseek_v3", "deepseek_v3_problem", "LATENT_NORM_EPS"]
+__all__ = ["export_deepseek_v3", "deepseek_v3_problem", "stock_rope_theta", "LATENT_NORM_EPS"]
 
 #: ε of transformers' ``DeepseekV3Attention.kv_a_layernorm`` (its RMSNorm default; not ``rms_norm_eps``).
 LATENT_NORM_EPS = 1e-6
@@ -80,9 +80,32 @@ def deepseek_v3_problem(model: nn.Module) -> str | None:
     }
     if len(sizes) != 1:
         return "layers have different latent or rotary sizes; DeepSeek-V3 has one per model"
+    frequencies = next(iter(sizes))[3]
+    if _ladder_stride(frequencies) is None:
+        return (
+            f"the rotary key turns at frequencies {list(frequencies)}, not one ladder j·s from 0; "
+            "stock DeepSeek-V3 has only such ladders"
+        )
     if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):
         return "biases in the MLP or attention are not exportable"
     return None
+
+
+def _ladder_stride(frequencies: tuple[int, ...] | list[int]) -> int | None:
+    """``s`` when the kept frequency indices are ``0, s, 2s, …``, else ``None``."""
+    stride = frequencies[1] if len(frequencies) > 1 else 1
+    ok = stride >= 1 and list(frequencies) == [j * stride for j in range(len(frequencies))]
+    return stride if ok else None
+
+
+def stock_rope_theta(theta: float, head_dim: int, frequencies: list[int]) -> float:
+    """The base of a stock rotary key of width ``2·len(frequencies)`` that turns at the source's
+    frequencies ``frequencies`` (indices ``j·s`` of the source's ``head_dim/2``): ``θ^(2·s·len/head_dim)``,
+    since ``θ'^(−2j/ρ) = θ^(−2js/d)`` exactly when ``θ' = θ^(sρ/d)``."""
+    stride = _ladder_stride(frequencies)
+    if stride is None:
+        raise ValueError(f"frequencies {list(frequencies)} are not one ladder j·s from 0")
+    return float(theta) ** (stride * 2 * len(frequencies) / head_dim)
 
 
 def _latent_bound(module: DeepseekLatentAttention, norm: nn.Module) -> float:
@@ -221,7 +244,12 @@ def export_deepseek_v3(
         max_position_embeddings=source.max_position_embeddings,
         rms_norm_eps=source.rms_norm_eps,
         tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False)) and not untie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(source.rope_parameters["rope_theta"])},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": stock_rope_theta(
+                source.rope_parameters["rope_theta"], shape.head_dim, first.rope_frequencies.tolist()
+            ),
+        },
         rope_interleave=rope_interleave,
         attention_bias=False,
         attention_dropout=0.0,

@@ -89,10 +89,14 @@ class MLAConfig(MethodConfig):
     """``rorope``: one rotary key and one latent shared by every KV head, in DeepSeek-V3's layout (RoRoPE +
     FreqFold + balanced whitened latent); ``mha2mla``: MHA2MLA's per-KV-head partial RoPE and latent."""
     rope_dim: int | None = field(default=None, metadata={"range": "[0, inf)"})
-    """``rorope``: width of the shared rotary key (an even divisor of head_dim; default 32). ``mha2mla``:
+    """``rorope``: width of the shared rotary key (even, at most head_dim; default 32). ``mha2mla``:
     rotary features kept per KV head (even: whole frequency pairs), in [0, head_dim] (default 8)."""
     kv_lora_rank: int | None = field(default=None, metadata={"range": "[1, inf)"})
     """``rorope``: numbers of the shared latent per token and layer (default 88; or give ``kv_fraction``)."""
+    rope_stride: int | None = field(default=None, metadata={"range": "[1, inf)"})
+    """``rorope``: the shared rotary key turns at every ``rope_stride``-th RoPE frequency from the fastest
+    (default ⌊head_dim / rope_dim⌋: DeepSeek's and TransMLA's ladder over the whole band; 1: the rope_dim/2
+    fastest frequencies, the slowest ones position-free). Exported with base ``base^(stride·rope_dim/d)``."""
     freqfold: int = field(default=1, metadata={"range": "[1, inf)"})
     """``rorope``: adjacent RoPE frequencies whose components are mixed by one PCA (exact at 1)."""
     rotation: str = field(default="key", metadata={"choices": ROTATIONS})

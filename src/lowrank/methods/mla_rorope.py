@@ -69,7 +69,7 @@ def deepseek_sizes(config, shape, hidden: int) -> tuple[int, int, int]:
     """
     d, Hkv = shape.head_dim, shape.num_kv_heads
     rope = int(config.rope_dim)
-    rope_ladder(d, rope)  # validates rope_dim
+    rope_ladder(d, rope, config.rope_stride)  # validates rope_dim and rope_stride
     if rope > d:
         raise ValueError(
             f"rope_dim must be at most head_dim {d} (one rotary component per frequency); got {rope}"
@@ -148,7 +148,13 @@ def convert_attention(
     bq, bk, bv = bias_of("q_proj", H * d), bias_of("k_proj", Hkv * d), bias_of("v_proj", Hkv * d)
     Cq = _query_gram(Wq, G, Hkv, d) if config.rotation == "query-aware" else None
     A, B = rorope(
-        Wk @ G @ Wk.T, num_kv_heads=Hkv, head_dim=d, rope_dim=rope, freqfold=config.freqfold, query_gram=Cq
+        Wk @ G @ Wk.T,
+        num_kv_heads=Hkv,
+        head_dim=d,
+        rope_dim=rope,
+        freqfold=config.freqfold,
+        query_gram=Cq,
+        stride=config.rope_stride,
     )
     K, kb = A @ Wk, A @ bk  # keys are affine in x: A (W_k x + b_k)
     K_rope, K_nope = K[:rope], K[rope:]
@@ -202,7 +208,7 @@ def convert_attention(
         kv_lora_rank=r,
         qk_rope_head_dim=rope,
         qk_nope_head_dim=nope,
-        rope_frequencies=rope_ladder(d, rope),
+        rope_frequencies=rope_ladder(d, rope, config.rope_stride),
         bias=bias,
         layer=layer,
     )
@@ -277,6 +283,7 @@ def compress_rorope(model: nn.Module, config, ctx: RunContext) -> CompressionRes
             "decomposer": config.decomposer.to_dict(),
             "partial_rope": "rorope",
             "rope_dim": rope,
+            "rope_frequencies": rope_ladder(shape.head_dim, rope, config.rope_stride).tolist(),
             "kv_lora_rank": r,
             "qk_nope_dim": nope,
             "cached_per_token_layer": r + rope,
