@@ -31,7 +31,9 @@ def transformers_tokens(directory: str, prompts: list[list[int]], new: int, dtyp
         for ids in prompts:
             cache = DynamicCache(config=model.config)
             x = torch.tensor([ids])
-            gen = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache)
+            gen = model.generate(
+                x, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache
+            )
             out.append(gen[0, len(ids) :].tolist())
     return {
         "engine": f"transformers {transformers.__version__}",
@@ -42,7 +44,7 @@ def transformers_tokens(directory: str, prompts: list[list[int]], new: int, dtyp
     }
 
 
-def vllm_tokens(directory: str, prompts: list[list[int]], new: int, dtype: str) -> dict:
+def vllm_tokens(directory: str, prompts: list[list[int]], new: int, dtype: str, memory: float) -> dict:
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -54,6 +56,7 @@ def vllm_tokens(directory: str, prompts: list[list[int]], new: int, dtype: str) 
         max_model_len=max(map(len, prompts)) + new,
         enforce_eager=True,
         seed=0,
+        gpu_memory_utilization=memory,  # on the CPU backend: the share of CPU memory reserved
     )
     loaded = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=new, min_tokens=new, ignore_eos=True)
@@ -81,7 +84,7 @@ def main() -> int:
         spec = json.load(f)
     prompts, new, dtype = spec["prompts"], int(spec["max_new_tokens"]), spec.get("dtype", "float32")
     result = {"transformers": transformers_tokens(directory, prompts, new, dtype)}
-    result["vllm"] = vllm_tokens(directory, prompts, new, dtype)
+    result["vllm"] = vllm_tokens(directory, prompts, new, dtype, float(spec.get("memory_fraction", 0.25)))
     result["lowrank_imported"] = "lowrank" in sys.modules
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:

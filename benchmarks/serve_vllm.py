@@ -46,6 +46,13 @@ def _parser():
     p.add_argument("--prompt-len", type=int, default=48, help="prompt tokens (48)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt (32)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds the vLLM driver may take (1800)")
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.25,
+        help="share of the machine's memory vLLM reserves (its gpu_memory_utilization, which on the CPU "
+        "backend reserves CPU memory and refuses to start when that much is not free; 0.25)",
+    )
     return p
 
 
@@ -132,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
         )
         manifest = json.loads((out / "lowrank.json").read_text())
-        spec = {"prompts": batch, "max_new_tokens": args.max_new_tokens, "dtype": "float32"}
+        spec = {
+            "prompts": batch,
+            "max_new_tokens": args.max_new_tokens,
+            "dtype": "float32",
+            "memory_fraction": args.memory_fraction,
+        }
         (Path(tmp) / "prompts.json").write_text(json.dumps(spec))
         driver = Path(__file__).with_name("_vllm_driver.py")
         run = subprocess.run(

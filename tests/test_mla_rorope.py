@@ -14,6 +14,7 @@ from lowrank.linalg.rorope import rope_ladder, rorope
 from lowrank.loading.export_deepseek import stock_rope_theta
 from lowrank.loading.serialization import load_compressed, save_compressed
 from lowrank.methods import MLAConfig, compress, count_parameters
+from lowrank.methods.mla_rorope import resolved_freqfold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,3 +189,27 @@ def test_what_does_not_fit_is_refused_before_any_work(arch, kwargs, message):
         compress(model, MLAConfig(**kwargs), calibration=CALIB)
     assert "\n" not in str(info.value)
     assert not any(isinstance(m, DeepseekLatentAttention) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "head_dim", "fold"),
+    [
+        ({"rope_dim": 32}, 64, 4),  # spread ladder (stride 2): blocks of 4 keep 2 rotary components
+        ({"rope_dim": 32, "rope_stride": 1}, 64, 1),  # every kept frequency is its own block
+        ({"rope_dim": 64}, 64, 1),  # every frequency rotary: folding could only mix them
+        ({"rope_dim": 4}, 12, 1),  # 4 does not divide head_dim/2 = 6
+        ({"rope_dim": 32, "freqfold": 2}, 64, 2),
+    ],
+)
+def test_the_default_freqfold_folds_only_where_the_ladder_skips_frequencies(kwargs, head_dim, fold):
+    assert resolved_freqfold(MLAConfig(**kwargs), head_dim) == fold
+
+
+def test_a_version_1_config_keeps_transmlas_settings():
+    """Saved before the defaults moved to the calibration-chosen ones: what a version-1 config left out
+    meant the spread ladder, freqfold 1 and the key/value latent; a new config gets the new defaults."""
+    old = MLAConfig.from_dict({"method": "mla", "version": 1, "rope_dim": 32, "kv_lora_rank": 88})
+    assert (old.rope_stride, old.freqfold, old.latent_objective) == (None, 1, "kv")
+    new = MLAConfig.from_dict(MLAConfig(rope_dim=32, kv_lora_rank=88).to_dict())
+    assert (new.freqfold, new.latent_objective) == (None, "attention")
+    assert new.to_dict()["version"] == 2

@@ -46,6 +46,7 @@ from lowrank.attention.wrapper import ProjectedAttention, ProjectedKVCache
 from lowrank.calibration.attention_stats import attention_request
 from lowrank.calibration.pipeline import CalibrationConfig, RunContext
 from lowrank.calibration.statistics import InputGram, StatRequest
+from lowrank.core.config import Migration, unversioned
 from lowrank.linalg import DecomposerConfig, get_decomposer
 from lowrank.linalg.rorope import ROTATIONS
 from lowrank.linalg.whitening import whiten
@@ -67,11 +68,25 @@ LATENT_OBJECTIVES = ("kv", "attention")
 PARTIAL_ROPE = ("rorope", "mha2mla")
 
 
+def _rorope_settings_were_transmlas(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 → 2: the ``rorope`` defaults became the settings chosen on calibration text (see
+    ``MLAConfig``); a version-1 config that left a setting out meant TransMLA's: DeepSeek's spread ladder,
+    freqfold 1, the key/value latent objective."""
+    return {
+        **data,
+        "rope_stride": data.get("rope_stride"),
+        "freqfold": data.get("freqfold", 1),
+        "latent_objective": data.get("latent_objective", "kv"),
+    }
+
+
 @dataclass(kw_only=True)
 class MLAConfig(MethodConfig):
     """Partial RoPE plus a low-rank latent K/V cache: shared across KV heads (``rorope``) or per head."""
 
     method: ClassVar[str] = "mla"
+    version: ClassVar[int] = 2
+    migrations: ClassVar[dict[int, Migration]] = {0: unversioned, 1: _rorope_settings_were_transmlas}
     follows: ClassVar[tuple[str, ...] | None] = ("svd", "svd-llm", "svd-llm-v2", "heal")
     calibrated: ClassVar[bool] = True
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("kv_lora_rank", "kv_fraction"),)
@@ -97,17 +112,19 @@ class MLAConfig(MethodConfig):
     """``rorope``: the shared rotary key turns at every ``rope_stride``-th RoPE frequency from the fastest
     (default ⌊head_dim / rope_dim⌋: DeepSeek's and TransMLA's ladder over the whole band; 1: the rope_dim/2
     fastest frequencies, the slowest ones position-free). Exported with base ``base^(stride·rope_dim/d)``."""
-    freqfold: int = field(default=1, metadata={"range": "[1, inf)"})
-    """``rorope``: adjacent RoPE frequencies whose components are mixed by one PCA (exact at 1)."""
+    freqfold: int | None = field(default=None, metadata={"range": "[1, inf)"})
+    """``rorope``: adjacent RoPE frequencies whose components are mixed by one PCA (exact at 1). Default: 4
+    where the ladder skips frequencies (stride > 1) and 4 divides head_dim/2, else 1; chosen on held-out
+    calibration text on the built-in model (benchmarks/results/mla_deepseek_cpu.md)."""
     rotation: str = field(default="key", metadata={"choices": ROTATIONS})
     """``rorope``: ``key`` (TransMLA's key PCA) or ``query-aware`` (balanced against the queries)."""
     balance: bool = True
     """``rorope``: scale the position-free keys to the values' norm before the joint latent (BKV-PCA)."""
-    latent_objective: str = field(default="kv", metadata={"choices": LATENT_OBJECTIVES})
+    latent_objective: str = field(default="attention", metadata={"choices": LATENT_OBJECTIVES})
     """``rorope``: what the shared latent preserves. ``kv``: the position-free keys and the values as produced
-    (balanced by ``balance``); ``attention``: what is made of them: the scores every query head computes from
-    the keys and the outputs o_proj makes of the values, the keys weighted by each head's output spread
-    (``balance`` then has no effect)."""
+    (balanced by ``balance``; TransMLA's BKV-PCA); ``attention`` (default, chosen on held-out calibration
+    text): what is made of them: the scores every query head computes from the keys and the outputs o_proj
+    makes of the values, the keys weighted by each head's output spread (``balance`` then has no effect)."""
     qk_nope_dim: int | None = field(default=None, metadata={"range": "[0, inf)"})
     """``rorope``: position-free query/key features per head (default head_dim − rope_dim, so q_proj keeps
     its size; head_dim is exact)."""

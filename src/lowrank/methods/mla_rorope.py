@@ -43,7 +43,13 @@ from lowrank.nn.architectures import get_arch_spec
 from lowrank.nn.attention_layout import attention_info, layer_attention
 from lowrank.nn.surgery import get_module, replace_module
 
-__all__ = ["deepseek_sizes", "latent_from_fraction", "compress_rorope", "convert_attention"]
+__all__ = [
+    "deepseek_sizes",
+    "latent_from_fraction",
+    "compress_rorope",
+    "convert_attention",
+    "resolved_freqfold",
+]
 
 
 def latent_from_fraction(fraction: float, numbers: int, rope: int, unit: str) -> int:
@@ -61,6 +67,15 @@ def latent_from_fraction(fraction: float, numbers: int, rope: int, unit: str) ->
     return r
 
 
+def resolved_freqfold(config, head_dim: int) -> int:
+    """``config.freqfold``, or its default: 4 where the rotary ladder skips frequencies and 4 divides
+    head_dim/2 (chosen on held-out calibration text), else 1 (every block exact)."""
+    if config.freqfold is not None:
+        return int(config.freqfold)
+    stride = config.rope_stride or (head_dim // 2) // max(int(config.rope_dim) // 2, 1)
+    return 4 if stride > 1 and (head_dim // 2) % 4 == 0 else 1
+
+
 def deepseek_sizes(config, shape, hidden: int) -> tuple[int, int, int]:
     """(rope_dim, kv_lora_rank, qk_nope_dim) of ``config`` for a model of this shape, validated.
 
@@ -74,9 +89,10 @@ def deepseek_sizes(config, shape, hidden: int) -> tuple[int, int, int]:
         raise ValueError(
             f"rope_dim must be at most head_dim {d} (one rotary component per frequency); got {rope}"
         )
-    if (d // 2) % config.freqfold:
+    fold = resolved_freqfold(config, d)
+    if (d // 2) % fold:
         valid = [f for f in range(1, d // 2 + 1) if (d // 2) % f == 0]
-        raise ValueError(f"freqfold must be one of {valid} (head_dim {d}); got {config.freqfold}")
+        raise ValueError(f"freqfold must be one of {valid} (head_dim {d}); got {fold}")
     full = min(hidden, 2 * Hkv * d - rope)
     if config.kv_fraction is not None:
         r = latent_from_fraction(config.kv_fraction, 2 * Hkv * d, rope, "token and layer")
@@ -152,7 +168,7 @@ def convert_attention(
         num_kv_heads=Hkv,
         head_dim=d,
         rope_dim=rope,
-        freqfold=config.freqfold,
+        freqfold=resolved_freqfold(config, d),
         query_gram=Cq,
         stride=config.rope_stride,
     )
@@ -165,7 +181,7 @@ def convert_attention(
             float(energy[rope:].sum()) / max(float(torch.einsum("an,nk,ak->", Wv, G, Wv)), 1e-300)
         )
     whitening = whiten(G, "eigh") if config.whiten else None
-    if getattr(config, "latent_objective", "kv") == "attention":
+    if config.latent_objective == "attention":
         alpha = 1.0
         Wo = dense_weight(attn.o_proj).detach().to(**f64)
         weight_sqrt, weight_isqrt = _attention_weights(Wq, Wv, Wo, B[rope:], G, tokens, layer)
@@ -284,6 +300,8 @@ def compress_rorope(model: nn.Module, config, ctx: RunContext) -> CompressionRes
             "partial_rope": "rorope",
             "rope_dim": rope,
             "rope_frequencies": rope_ladder(shape.head_dim, rope, config.rope_stride).tolist(),
+            "freqfold": resolved_freqfold(config, shape.head_dim),
+            "latent_objective": config.latent_objective,
             "kv_lora_rank": r,
             "qk_nope_dim": nope,
             "cached_per_token_layer": r + rope,
