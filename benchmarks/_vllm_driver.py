@@ -80,11 +80,14 @@ def vllm_tokens(directory: str, prompts: list[list[int]], new: int, dtype: str, 
 
 def main() -> int:
     directory, prompts_path, out_path = sys.argv[1:4]
+    engine_directory = sys.argv[4] if len(sys.argv) > 4 else directory  # the export made for vLLM's ε
     with open(prompts_path) as f:
         spec = json.load(f)
     prompts, new, dtype = spec["prompts"], int(spec["max_new_tokens"]), spec.get("dtype", "float32")
     result = {"transformers": transformers_tokens(directory, prompts, new, dtype)}
-    result["vllm"] = vllm_tokens(directory, prompts, new, dtype, float(spec.get("memory_fraction", 0.25)))
+    result["vllm"] = vllm_tokens(
+        engine_directory, prompts, new, dtype, float(spec.get("memory_fraction", 0.25))
+    )
     result["lowrank_imported"] = "lowrank" in sys.modules
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lowrank.io.data import calibration_batches, load_text
-    from lowrank.loading.export_deepseek import export_deepseek_v3
+    from lowrank.loading.export_deepseek import LATENT_NORM_EPS, export_deepseek_v3
     from lowrank.methods import MLAConfig
 
     if args.threads:
@@ -112,75 +112,103 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_batches(
         tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=0
     )
-    stats, _ = kv_statistics(original, calib)
-    full = 2 * 3 * 64 - ENGINE_SHAPE["rope_dim"]  # every position-free direction of the built-in model
-    config = MLAConfig(
-        rope_dim=ENGINE_SHAPE["rope_dim"],
-        kv_lora_rank=full,
-        qk_nope_dim=64,
-        calibration=calibration_config(args, sequential=False),
-    )
-    model, result = compressed_copy(original, config, stats)
-    batch = prompts(eval_ids, args.prompts, args.prompt_len)
-    quality = sweep.once(
-        "quality",
-        lambda: {"original": perplexities(original, eval_ids), "converted": perplexities(model, eval_ids)},
-    )
-    ours = lowrank_tokens(model, batch, args.max_new_tokens)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "export"
-        export_deepseek_v3(
-            model,
-            out,
-            tokenizer=tokenizer,
-            calibration=calib[:4],
-            rope_interleave=True,
-            kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
-            untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
+    if "serve" not in sweep.rows:  # a resumed run reports what it measured
+        stats, _ = kv_statistics(original, calib)
+        full = 2 * 3 * 64 - ENGINE_SHAPE["rope_dim"]  # every position-free direction of the built-in model
+        config = MLAConfig(
+            rope_dim=ENGINE_SHAPE["rope_dim"],
+            kv_lora_rank=full,
+            qk_nope_dim=64,
+            calibration=calibration_config(args, sequential=False),
         )
-        manifest = json.loads((out / "lowrank.json").read_text())
-        spec = {
-            "prompts": batch,
-            "max_new_tokens": args.max_new_tokens,
-            "dtype": "float32",
-            "memory_fraction": args.memory_fraction,
+        model, result = compressed_copy(original, config, stats)
+        batch = prompts(eval_ids, args.prompts, args.prompt_len)
+        sweep.once(
+            "quality",
+            lambda: {
+                "original": perplexities(original, eval_ids),
+                "converted": perplexities(model, eval_ids),
+            },
+        )
+        ours = lowrank_tokens(model, batch, args.max_new_tokens)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "export"
+            export_deepseek_v3(
+                model,
+                out,
+                tokenizer=tokenizer,
+                calibration=calib[:4],
+                rope_interleave=True,
+                kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
+                untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
+            )
+            manifest = json.loads((out / "lowrank.json").read_text())
+            # vLLM's DeepSeek model builds kv_a_layernorm with rms_norm_eps; transformers' with 1e-6. The
+            # δ-scaled latent makes the norm linear with gain sqrt(ε)/δ, so each engine needs its own ε.
+            engine_out = Path(tmp) / "export-vllm-eps"
+            export_deepseek_v3(
+                model,
+                engine_out,
+                tokenizer=tokenizer,
+                calibration=calib[:4],
+                rope_interleave=True,
+                kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
+                untie_embeddings=True,
+                epsilon=float(original.config.rms_norm_eps),
+            )
+            spec = {
+                "prompts": batch,
+                "max_new_tokens": args.max_new_tokens,
+                "dtype": "float32",
+                "memory_fraction": args.memory_fraction,
+            }
+            (Path(tmp) / "prompts.json").write_text(json.dumps(spec))
+            driver = Path(__file__).with_name("_vllm_driver.py")
+            run = subprocess.run(
+                [
+                    str(vllm_python),
+                    str(driver),
+                    str(out),
+                    f"{tmp}/prompts.json",
+                    f"{tmp}/tokens.json",
+                    str(engine_out),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
+            if run.returncode != 0:
+                raise SystemExit(f"the vLLM driver failed (rc {run.returncode}):\n{run.stderr[-4000:]}")
+            engines = json.loads((Path(tmp) / "tokens.json").read_text())
+        stock = engines["transformers"]["tokens"]
+        sweep.rows["serve"] = {
+            "conversion": {
+                "config": result.config,
+                "seconds": round(result.time_total_s, 1),
+                "kv_bytes_per_token": result.kv_bytes_per_token_after,
+            },
+            "export": {
+                "cached_numbers_per_token_and_layer": manifest["cached_numbers_per_token_and_layer"],
+                "latent": manifest["latent"],
+                "rope_interleave": manifest["rope_interleave"],
+                "latent_norm_eps": {
+                    "transformers": LATENT_NORM_EPS,
+                    "vllm": float(original.config.rms_norm_eps),
+                },
+            },
+            "engines": {
+                name: {f: v for f, v in engine.items() if f != "tokens"}
+                for name, engine in engines.items()
+                if name in ("transformers", "vllm")
+            },
+            "driver_imported_lowrank": engines["lowrank_imported"],
+            "vllm_vs_transformers": agreement(stock, engines["vllm"]["tokens"]),
+            "transformers_vs_lowrank": agreement(ours, stock),
+            "vllm_vs_lowrank": agreement(ours, engines["vllm"]["tokens"]),
+            "tokens": {"lowrank": ours, "transformers": stock, "vllm": engines["vllm"]["tokens"]},
         }
-        (Path(tmp) / "prompts.json").write_text(json.dumps(spec))
-        driver = Path(__file__).with_name("_vllm_driver.py")
-        run = subprocess.run(
-            [str(vllm_python), str(driver), str(out), f"{tmp}/prompts.json", f"{tmp}/tokens.json"],
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-        )
-        if run.returncode != 0:
-            raise SystemExit(f"the vLLM driver failed (rc {run.returncode}):\n{run.stderr[-4000:]}")
-        engines = json.loads((Path(tmp) / "tokens.json").read_text())
-    stock = engines["transformers"]["tokens"]
-    sweep.rows["serve"] = {
-        "conversion": {
-            "config": result.config,
-            "seconds": round(result.time_total_s, 1),
-            "kv_bytes_per_token": result.kv_bytes_per_token_after,
-        },
-        "export": {
-            "cached_numbers_per_token_and_layer": manifest["cached_numbers_per_token_and_layer"],
-            "latent": manifest["latent"],
-            "rope_interleave": manifest["rope_interleave"],
-        },
-        "engines": {
-            name: {f: v for f, v in engine.items() if f != "tokens"}
-            for name, engine in engines.items()
-            if name in ("transformers", "vllm")
-        },
-        "driver_imported_lowrank": engines["lowrank_imported"],
-        "vllm_vs_transformers": agreement(stock, engines["vllm"]["tokens"]),
-        "transformers_vs_lowrank": agreement(ours, stock),
-        "vllm_vs_lowrank": agreement(ours, engines["vllm"]["tokens"]),
-        "tokens": {"lowrank": ours, "transformers": stock, "vllm": engines["vllm"]["tokens"]},
-    }
-    sweep.save()
-    payload = {"quality": quality, **sweep.rows["serve"], "prompts": len(batch)}
+        sweep.save()
+    payload = {"quality": sweep.state["quality"], **sweep.rows["serve"], "prompts": args.prompts}
     payload["conventions"] = {
         "prompt_match_rate": "prompts whose new tokens are all identical / prompts",
         "token_match_rate": "new tokens before each prompt's first difference / all new tokens",
@@ -223,12 +251,17 @@ def markdown(p: dict[str, Any]) -> str:
             "the original's 384 (a correctness check of the layout in an engine, not a saving). "
             f"{p['prompts']} prompts of {s['prompt_len']} tokens, {s['max_new_tokens']} greedy tokens each, "
             f"float32. torch {env['torch']}, git {env['git_sha']}.",
+            "Two exports of the same conversion, differing only in the latent norm's assumed ε (the δ-scaled "
+            "latent makes kv_a_layernorm linear with gain √ε/δ): transformers builds that norm with "
+            f"ε = {p['export']['latent_norm_eps']['transformers']:g}, vLLM 0.32 with the config's "
+            f"rms_norm_eps = {p['export']['latent_norm_eps']['vllm']:g}; each engine loads the export made "
+            "for its ε.",
             "The driver that ran transformers and vLLM imported lowrank: "
             f"{'yes' if p['driver_imported_lowrank'] else 'no'}.",
-            format_table(["comparison", "prompt match", "token match", "first difference per prompt"], rows),
+            format_table(rows, ["comparison", "prompt match", "token match", "first difference per prompt"]),
             "`prompt match` = prompts with identical new tokens / prompts; `token match` = new tokens before "
             "each prompt's first difference / all new tokens; `None` = no difference.",
-            format_table(["engine", "load s", "generate s"], engines),
+            format_table(engines, ["engine", "load s", "generate s"]),
         ]
     )
 
