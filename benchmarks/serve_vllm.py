@@ -132,30 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         ours = lowrank_tokens(model, batch, args.max_new_tokens)
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "export"
-            export_deepseek_v3(
-                model,
-                out,
-                tokenizer=tokenizer,
-                calibration=calib[:4],
-                rope_interleave=True,
-                kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
-                untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
-            )
-            manifest = json.loads((out / "lowrank.json").read_text())
             # vLLM's DeepSeek model builds kv_a_layernorm with rms_norm_eps; transformers' with 1e-6. The
-            # δ-scaled latent makes the norm linear with gain sqrt(ε)/δ, so each engine needs its own ε.
-            engine_out = Path(tmp) / "export-vllm-eps"
-            export_deepseek_v3(
-                model,
-                engine_out,
-                tokenizer=tokenizer,
-                calibration=calib[:4],
-                rope_interleave=True,
-                kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
-                untie_embeddings=True,
-                epsilon=float(original.config.rms_norm_eps),
-            )
+            # δ-scaled latent makes the norm linear with gain sqrt(ε)/δ, so each engine gets its own export.
+            out, engine_out = Path(tmp) / "export", Path(tmp) / "export-vllm-eps"
+            for directory, epsilon in (
+                (out, LATENT_NORM_EPS),
+                (engine_out, float(original.config.rms_norm_eps)),
+            ):
+                export_deepseek_v3(
+                    model,
+                    directory,
+                    tokenizer=tokenizer,
+                    calibration=calib[:4],
+                    rope_interleave=True,
+                    kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
+                    untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
+                    epsilon=epsilon,
+                )
+            manifest = json.loads((out / "lowrank.json").read_text())
             spec = {
                 "prompts": batch,
                 "max_new_tokens": args.max_new_tokens,
