@@ -77,3 +77,18 @@ def test_registry_rebuilds_the_same_shape():
     assert describe_replacement(nn.Linear(2, 2)) is None
     with pytest.raises(ValueError, match="NoSuchModule"):
         replacement_class("NoSuchModule")
+
+
+def test_every_built_in_replacement_resolves_from_a_bare_registry_import():
+    """Loading a saved model must not depend on what the caller imported first: in a fresh interpreter that
+    imports only the registry, every built-in replacement class is found by name."""
+    import subprocess
+    import sys
+
+    code = (
+        "from lowrank.nn.registry import replacement_class\n"
+        "for name in ('LowRankLinear', 'QuantizedLinear', 'ProjectedAttention', 'DeepseekLatentAttention'):\n"
+        "    assert replacement_class(name).__name__ == name, name\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -46,6 +46,15 @@ __all__ = [
 
 _REPLACEMENTS: dict[str, type[nn.Module]] = {}
 
+#: Modules of the package that define replacement classes, imported on the first lookup that misses, so
+#: that loading a saved model never depends on which part of lowrank the caller happened to import.
+_BUILT_IN = (
+    "lowrank.nn.low_rank_linear",
+    "lowrank.nn.quantized_linear",
+    "lowrank.attention.wrapper",
+    "lowrank.attention.deepseek_mla",
+)
+
 M = TypeVar("M", bound=type[nn.Module])
 
 
@@ -64,6 +73,11 @@ def replacement_class(name: str) -> type[nn.Module]:
     Raises:
         ValueError: no replacement module of that name is registered.
     """
+    if name not in _REPLACEMENTS:
+        import importlib
+
+        for module in _BUILT_IN:
+            importlib.import_module(module)
     try:
         return _REPLACEMENTS[name]
     except KeyError:
