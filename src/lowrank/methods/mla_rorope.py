@@ -5,12 +5,14 @@ values are linear in it, so every statistic below is exact):
 
 1. **RoRoPE + FreqFold** (:func:`lowrank.linalg.rorope.rorope`): a change of basis of all KV heads' keys per
    block of ``freqfold`` frequencies (key PCA, or the query-aware balanced map) whose top components form
-   ONE rotary key of width ``rope_dim`` turning at DeepSeek's frequency ladder; the other components are
-   position-free.
-2. **Balanced, whitened joint latent** (BKV-PCA): the position-free keys scaled by 1/α, α = ‖K_nope‖/‖V‖
-   (``balance``), and the values of every KV head, jointly, by the top ``kv_lora_rank`` left singular vectors
-   of [K_nope/α; V]·S with S Sᵀ = G (``whiten``; plain weight SVD without), computed with the configured
-   decomposer. The latent c = Uᵀ[K_nope/α; V] x is what the cache holds, with the rotary key.
+   ONE rotary key of width ``rope_dim`` turning at every ``rope_stride``-th frequency (default: DeepSeek's
+   spread ladder); the other components are position-free.
+2. **Whitened joint latent**: the position-free keys and the values of every KV head, jointly, by the top
+   ``kv_lora_rank`` left singular vectors of [K_nope/α; V]·S with S Sᵀ = G (``whiten``; plain weight SVD
+   without), computed with the configured decomposer. ``latent_objective='kv'`` is TransMLA's BKV-PCA
+   (α = ‖K_nope‖/‖V‖ with ``balance``); ``'attention'`` (default) weights the rows by the queries and
+   W_O that read them (:func:`_attention_weights`, α = 1). The latent c is what the cache holds, with the
+   rotary key.
 3. **Per-head maps**: query head i's position-free score is q_iᵀ Φ_i c (Φ_i: d × r). With ``qk_nope_dim`` = d
    that is exact; below d (default d − rope_dim, so q_proj keeps its size and the layer loses parameters)
    Φ_i is truncated by the SVD of C_q^{1/2} Φ_i C_c^{1/2} (the error of the scores on calibration text).
