@@ -85,9 +85,7 @@ def main() -> int:
         spec = json.load(f)
     prompts, new, dtype = spec["prompts"], int(spec["max_new_tokens"]), spec.get("dtype", "float32")
     result = {"transformers": transformers_tokens(directory, prompts, new, dtype)}
-    result["vllm"] = vllm_tokens(
-        engine_directory, prompts, new, dtype, float(spec.get("memory_fraction", 0.25))
-    )
+    result["vllm"] = vllm_tokens(engine_directory, prompts, new, dtype, float(spec["memory_fraction"]))
     result["lowrank_imported"] = "lowrank" in sys.modules
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:

@@ -109,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     sweep = Sweep(args, "serve_vllm", settings(args))
     original, tokenizer, eval_ids = load_for_evaluation(args)
-    calib = calibration_batches(
-        tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=0
-    )
     if "serve" not in sweep.rows:  # a resumed run reports what it measured
+        calib = calibration_batches(
+            tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=0
+        )
+        vllm_eps = float(original.config.rms_norm_eps)  # vLLM builds kv_a_layernorm with it
         stats, _ = kv_statistics(original, calib)
         full = 2 * 3 * 64 - ENGINE_SHAPE["rope_dim"]  # every position-free direction of the built-in model
         config = MLAConfig(
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             out, engine_out = Path(tmp) / "export", Path(tmp) / "export-vllm-eps"
             for directory, epsilon in (
                 (out, LATENT_NORM_EPS),
-                (engine_out, float(original.config.rms_norm_eps)),
+                (engine_out, vllm_eps),
             ):
                 export_deepseek_v3(
                     model,
@@ -185,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cached_numbers_per_token_and_layer": manifest["cached_numbers_per_token_and_layer"],
                 "latent": manifest["latent"],
                 "rope_interleave": manifest["rope_interleave"],
-                "latent_norm_eps": {
-                    "transformers": LATENT_NORM_EPS,
-                    "vllm": float(original.config.rms_norm_eps),
-                },
+                "latent_norm_eps": {"transformers": LATENT_NORM_EPS, "vllm": vllm_eps},
             },
             "engines": {
                 name: {f: v for f, v in engine.items() if f != "tokens"}

@@ -29,24 +29,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ROTATIONS", "rope_ladder", "rorope", "psd_sqrt"]
+__all__ = ["ROTATIONS", "ladder_stride", "rope_ladder", "rorope", "psd_sqrt"]
 
 ROTATIONS = ("key", "query-aware")
 
 
-def rope_ladder(head_dim: int, rope_dim: int, stride: int | None = None) -> torch.Tensor:
-    """Frequency indices (of the head's d/2) that the shared rotary key keeps: ``j · stride``, j < rope_dim/2.
-
-    ``stride`` defaults to ``⌊d / rope_dim⌋`` (for a divisor of d, DeepSeek's and TransMLA's ladder, spread
-    over the whole band, same base); ``1`` keeps the ``rope_dim/2`` fastest frequencies. Any stride is one
-    geometric ladder from frequency 0, so a stock rotary key of width ``rope_dim`` with base
-    ``base^(stride · rope_dim/d)`` turns at exactly these frequencies.
+def ladder_stride(head_dim: int, rope_dim: int, stride: int | None = None) -> int:
+    """The validated stride of the rotary key's ladder: ``stride``, or its default ``⌊d / rope_dim⌋`` (for a
+    divisor of d, DeepSeek's and TransMLA's ladder, spread over the whole band, same base).
 
     Raises:
         ValueError: ``rope_dim`` is odd or outside [2, head_dim], or ``stride`` reaches past the head's
             frequencies (names the valid values).
     """
-    half = head_dim // 2
     if (
         isinstance(rope_dim, bool)
         or not isinstance(rope_dim, int)
@@ -54,13 +49,28 @@ def rope_ladder(head_dim: int, rope_dim: int, stride: int | None = None) -> torc
         or rope_dim % 2
     ):
         raise ValueError(f"rope_dim must be even and in [2, head_dim] = [2, {head_dim}]; got {rope_dim!r}")
-    widest = half // (rope_dim // 2)
-    stride = widest if stride is None else stride
+    widest = (head_dim // 2) // (rope_dim // 2)
+    if stride is None:
+        return widest
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= widest:
         raise ValueError(
             f"rope_stride must be an integer in [1, {widest}] (head_dim {head_dim}, rope_dim {rope_dim}); "
             f"got {stride!r}"
         )
+    return stride
+
+
+def rope_ladder(head_dim: int, rope_dim: int, stride: int | None = None) -> torch.Tensor:
+    """Frequency indices (of the head's d/2) that the shared rotary key keeps: ``j · stride``, j < rope_dim/2.
+
+    ``stride``: see :func:`ladder_stride`; ``1`` keeps the ``rope_dim/2`` fastest frequencies. Any stride is
+    one geometric ladder from frequency 0, so a stock rotary key of width ``rope_dim`` with base
+    ``base^(stride · rope_dim/d)`` turns at exactly these frequencies.
+
+    Raises:
+        ValueError: as :func:`ladder_stride`.
+    """
+    stride = ladder_stride(head_dim, rope_dim, stride)
     return torch.arange(0, stride * (rope_dim // 2), stride)
 
 

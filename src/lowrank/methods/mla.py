@@ -70,11 +70,10 @@ PARTIAL_ROPE = ("rorope", "mha2mla")
 
 def _rorope_settings_were_transmlas(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1 → 2: the ``rorope`` defaults became the settings chosen on calibration text (see
-    ``MLAConfig``); a version-1 config that left a setting out meant TransMLA's: DeepSeek's spread ladder,
-    freqfold 1, the key/value latent objective."""
+    ``MLAConfig``); a version-1 config that left a setting out meant TransMLA's: freqfold 1 and the
+    key/value latent objective (its ladder, DeepSeek's spread one, is still the default)."""
     return {
         **data,
-        "rope_stride": data.get("rope_stride"),
         "freqfold": data.get("freqfold", 1),
         "latent_objective": data.get("latent_objective", "kv"),
     }
@@ -102,7 +101,7 @@ class MLAConfig(MethodConfig):
 
     partial_rope: str = field(default="rorope", metadata={"choices": PARTIAL_ROPE})
     """``rorope``: one rotary key and one latent shared by every KV head, in DeepSeek-V3's layout (RoRoPE +
-    FreqFold + balanced whitened latent); ``mha2mla``: MHA2MLA's per-KV-head partial RoPE and latent."""
+    FreqFold + whitened latent); ``mha2mla``: MHA2MLA's per-KV-head partial RoPE and latent."""
     rope_dim: int | None = field(default=None, metadata={"range": "[0, inf)"})
     """``rorope``: width of the shared rotary key (even, at most head_dim; default 32). ``mha2mla``:
     rotary features kept per KV head (even: whole frequency pairs), in [0, head_dim] (default 8)."""

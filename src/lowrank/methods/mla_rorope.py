@@ -36,7 +36,7 @@ from lowrank.attention.deepseek_mla import DeepseekLatentAttention, LatentRopeCa
 from lowrank.calibration.pipeline import RunContext
 from lowrank.calibration.statistics import InputGram, StatRequest
 from lowrank.linalg import get_decomposer
-from lowrank.linalg.rorope import psd_sqrt, rope_ladder, rorope
+from lowrank.linalg.rorope import ladder_stride, psd_sqrt, rope_ladder, rorope
 from lowrank.linalg.whitening import whiten
 from lowrank.methods.base import CompressionResult
 from lowrank.methods.records import ModuleKind, ModuleRecord
@@ -74,7 +74,7 @@ def resolved_freqfold(config, head_dim: int) -> int:
     head_dim/2 (chosen on held-out calibration text), else 1 (every block exact)."""
     if config.freqfold is not None:
         return int(config.freqfold)
-    stride = config.rope_stride or (head_dim // 2) // max(int(config.rope_dim) // 2, 1)
+    stride = ladder_stride(head_dim, int(config.rope_dim), config.rope_stride)
     return 4 if stride > 1 and (head_dim // 2) % 4 == 0 else 1
 
 
@@ -86,11 +86,7 @@ def deepseek_sizes(config, shape, hidden: int) -> tuple[int, int, int]:
     """
     d, Hkv = shape.head_dim, shape.num_kv_heads
     rope = int(config.rope_dim)
-    rope_ladder(d, rope, config.rope_stride)  # validates rope_dim and rope_stride
-    if rope > d:
-        raise ValueError(
-            f"rope_dim must be at most head_dim {d} (one rotary component per frequency); got {rope}"
-        )
+    ladder_stride(d, rope, config.rope_stride)  # validates rope_dim (even, ≤ head_dim) and rope_stride
     fold = resolved_freqfold(config, d)
     if (d // 2) % fold:
         valid = [f for f in range(1, d // 2 + 1) if (d // 2) % f == 0]
