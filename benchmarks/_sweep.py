@@ -210,7 +210,8 @@ class Sweep:
         provenance = {k: v for k, v in self.provenance().items() if k not in payload}  # the script's win
         payload = {"benchmark": self.name, "settings": self.state["settings"], **payload, **provenance}
         if figures is not None and not getattr(args, "no_figures", False):
-            payload["figures"] = [str(f) for f in figures(payload, args.results_dir, args.out_name) if f]
+            written = figures(payload, args.results_dir, args.out_name)
+            payload["figures"] = [Path(f).name for f in written if f]  # beside the results: names, no paths
         text = markdown(payload)
         write_results(args.out_name, payload, text, args.results_dir)
         print(text)

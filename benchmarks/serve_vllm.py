@@ -5,11 +5,13 @@
 
 The built-in model is converted by ``mla`` (``--partial-rope rorope``) with a rotary key of 64 and every
 position-free direction kept (latent 320 = 384 − 64, position-free queries of 64), and exported as stock
-DeepSeek-V3 in the only shape vLLM's CPU MLA kernel takes: latent padded with zeros to 512, rotary key 64,
-interleaved pairs, block size 16, and an untied ``lm_head`` (vLLM's DeepSeek-V3 model does not tie it):
-``lowrank export --rope-interleave --kv-lora-rank 512 --untie-embeddings``. 512 + 64 = 576
-cached numbers per token and layer is above the original's 384: this is a correctness check of the layout in
-a serving engine, not a saving.
+DeepSeek-V3 laid out for vLLM (``lowrank export --engine vllm --kv-lora-rank 512``): interleaved pairs, an
+untied ``lm_head`` (vLLM's DeepSeek-V3 model does not tie it), the RoPE written as YaRN of factor 1 (the same
+rotation; vLLM's CPU rotary kernel mis-rotates MLA queries under the default RoPE, see
+``vllm_rope_check.py``, which this benchmark also runs) and, for the only shape vLLM's CPU MLA kernel takes,
+the latent padded with zeros to 512 beside the rotary key of 64, block size 16. 512 + 64 = 576 cached
+numbers per token and layer is above the original's 384: this is a correctness check of the layout in a
+serving engine, not a saving.
 
 In the vLLM venv, by a driver that imports neither lowrank nor this package (``_vllm_driver.py``): stock
 transformers greedy-decodes every prompt from the export with ``DynamicCache``, then vLLM's offline ``LLM``
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import compressed_copy, kv_statistics, load_for_evaluation, perplexities
-from benchmarks._sweep import Sweep, calibration_config, parser, settings
+from benchmarks._sweep import RUN_FLAGS, Sweep, calibration_config, parser, settings
 
 ENGINE_SHAPE = {"rope_dim": 64, "kv_lora_rank": 512}
 """vLLM's CPU MLA kernel: latent 512 + rotary key 64 (head_dim 576), interleaved pairs, block size 16."""
@@ -102,18 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lowrank.io.data import calibration_batches, load_text
-    from lowrank.loading.export_deepseek import LATENT_NORM_EPS, export_deepseek_v3
+    from lowrank.loading.export_deepseek import LATENT_NORM_EPS, engine_settings, export_deepseek_v3
     from lowrank.methods import MLAConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sweep = Sweep(args, "serve_vllm", settings(args))
+    measured = [k for k in vars(args) if k not in RUN_FLAGS and k != "vllm_python"]  # a path of this machine
+    sweep = Sweep(args, "serve_vllm", settings(args, *measured))
     original, tokenizer, eval_ids = load_for_evaluation(args)
     if "serve" not in sweep.rows:  # a resumed run reports what it measured
         calib = calibration_batches(
             tokenizer, load_text("wiki", "calibration"), args.calib_samples, args.calib_seq_len, seed=0
         )
-        vllm_eps = float(original.config.rms_norm_eps)  # vLLM builds kv_a_layernorm with it
+        vllm_eps = engine_settings("vllm", original.config.rms_norm_eps)["epsilon"]
         stats, _ = kv_statistics(original, calib)
         full = 2 * 3 * 64 - ENGINE_SHAPE["rope_dim"]  # every position-free direction of the built-in model
         config = MLAConfig(
@@ -134,23 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         ours = lowrank_tokens(model, batch, args.max_new_tokens)
         with tempfile.TemporaryDirectory() as tmp:
             # vLLM's DeepSeek model builds kv_a_layernorm with rms_norm_eps; transformers' with 1e-6. The
-            # δ-scaled latent makes the norm linear with gain sqrt(ε)/δ, so each engine gets its own export.
-            out, engine_out = Path(tmp) / "export", Path(tmp) / "export-vllm-eps"
-            for directory, epsilon in (
-                (out, LATENT_NORM_EPS),
-                (engine_out, vllm_eps),
-            ):
+            # δ-scaled latent makes the norm linear with gain sqrt(ε)/δ, so transformers reads the vLLM
+            # layout with its own ε: the two exports differ in that one number.
+            out, engine_out = Path(tmp) / "export", Path(tmp) / "export-vllm"
+            for directory, epsilon in ((out, LATENT_NORM_EPS), (engine_out, vllm_eps)):
                 export_deepseek_v3(
                     model,
                     directory,
                     tokenizer=tokenizer,
                     calibration=calib[:4],
-                    rope_interleave=True,
+                    engine="vllm",
                     kv_lora_rank=ENGINE_SHAPE["kv_lora_rank"],
-                    untie_embeddings=True,  # vLLM's DeepSeek-V3 model never ties lm_head to the embeddings
                     epsilon=epsilon,
                 )
-            manifest = json.loads((out / "lowrank.json").read_text())
+            manifest = json.loads((engine_out / "lowrank.json").read_text())
             spec = {
                 "prompts": batch,
                 "max_new_tokens": args.max_new_tokens,
@@ -175,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             if run.returncode != 0:
                 raise SystemExit(f"the vLLM driver failed (rc {run.returncode}):\n{run.stderr[-4000:]}")
             engines = json.loads((Path(tmp) / "tokens.json").read_text())
+        check = subprocess.run(
+            [str(vllm_python), str(Path(__file__).with_name("vllm_rope_check.py"))],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
+        if check.returncode != 0:
+            raise SystemExit(f"vllm_rope_check.py failed (rc {check.returncode}):\n{check.stderr[-4000:]}")
+        rope_check = json.loads(check.stdout.strip().splitlines()[-1])
         stock = engines["transformers"]["tokens"]
         sweep.rows["serve"] = {
             "conversion": {
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cached_numbers_per_token_and_layer": manifest["cached_numbers_per_token_and_layer"],
                 "latent": manifest["latent"],
                 "rope_interleave": manifest["rope_interleave"],
+                "rope_parameters": manifest["rope_parameters"],
                 "latent_norm_eps": {"transformers": LATENT_NORM_EPS, "vllm": vllm_eps},
             },
             "engines": {
@@ -194,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                 if name in ("transformers", "vllm")
             },
             "driver_imported_lowrank": engines["lowrank_imported"],
+            "vllm_rope_check": rope_check,
             "vllm_vs_transformers": agreement(stock, engines["vllm"]["tokens"]),
             "transformers_vs_lowrank": agreement(ours, stock),
             "vllm_vs_lowrank": agreement(ours, engines["vllm"]["tokens"]),
             "tokens": {"lowrank": ours, "transformers": stock, "vllm": engines["vllm"]["tokens"]},
         }
         sweep.save()
-    payload = {"quality": sweep.state["quality"], **sweep.rows["serve"], "prompts": args.prompts}
+    payload = {"quality": sweep.state["quality"], "vllm_rope_check": None, **sweep.rows["serve"]}
+    payload["prompts"] = args.prompts
     payload["conventions"] = {
         "prompt_match_rate": "prompts whose new tokens are all identical / prompts",
         "token_match_rate": "new tokens before each prompt's first difference / all new tokens",
@@ -212,6 +224,26 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_match_rate": p["vllm_vs_transformers"]["prompt_match_rate"],
             "token_match_rate": p["vllm_vs_transformers"]["token_match_rate"],
         },
+    )
+
+
+def _rope_form(parameters: dict[str, Any]) -> str:
+    if parameters.get("rope_type") == "yarn":
+        return f"YaRN of factor {parameters['factor']:g} (θ = {parameters['rope_theta']:g})"
+    return f"the default RoPE (θ = {parameters['rope_theta']:g})"
+
+
+def _rope_check_text(check: dict[str, Any] | None) -> str:
+    """What ``vllm_rope_check.py`` found in this vLLM (absent from results made before it ran)."""
+    if not check:
+        return "vllm_rope_check.py was not run with these results."
+    e = check["errors"]
+    return (
+        f"vllm_rope_check.py in vLLM {check['vllm']} (a 3-D query of 7 tokens × 9 heads × 64, as MLA passes "
+        f"it; largest error against a float64 reference): default RoPE ({e['default']['class']}) "
+        f"{e['default']['query']:.2e} on the query, {e['default']['key']:.2e} on the key; DeepSeek YaRN of "
+        f"factor 1 ({e['deepseek_yarn factor 1']['class']}) {e['deepseek_yarn factor 1']['query']:.2e}. "
+        "The export writes the second form, which stock transformers computes bit for bit as the default."
     )
 
 
@@ -238,7 +270,8 @@ def markdown(p: dict[str, Any]) -> str:
             f"{s['model']} converted by mla rorope (rotary key 64, latent 320, position-free queries 64; "
             f"wiki {q['original']['wiki']:.2f} → {q['converted']['wiki']:.2f}, shakespeare "
             f"{q['original']['shakespeare']:.2f} → {q['converted']['shakespeare']:.2f}), exported with the "
-            f"latent padded to {p['export']['latent']['written']} and interleaved rotary pairs: "
+            f"latent padded to {p['export']['latent']['written']}, interleaved rotary pairs and the RoPE "
+            f"written as {_rope_form(p['export']['rope_parameters'])}: "
             f"{p['export']['cached_numbers_per_token_and_layer']} cached numbers per token and layer, above "
             "the original's 384 (a correctness check of the layout in an engine, not a saving). "
             f"{p['prompts']} prompts of {s['prompt_len']} tokens, {s['max_new_tokens']} greedy tokens each, "
@@ -248,6 +281,7 @@ def markdown(p: dict[str, Any]) -> str:
             f"ε = {p['export']['latent_norm_eps']['transformers']:g}, vLLM 0.32 with the config's "
             f"rms_norm_eps = {p['export']['latent_norm_eps']['vllm']:g}; each engine loads the export made "
             "for its ε.",
+            _rope_check_text(p["vllm_rope_check"]),
             "The driver that ran transformers and vLLM imported lowrank: "
             f"{'yes' if p['driver_imported_lowrank'] else 'no'}.",
             format_table(rows, ["comparison", "prompt match", "token match", "first difference per prompt"]),

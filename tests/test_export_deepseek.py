@@ -166,3 +166,46 @@ def test_the_cli_exports_a_saved_conversion(tmp_path, capsys):
     )
     assert rc == 0 and (tmp_path / "ds" / "config.json").is_file()
     assert float((_stock(tmp_path / "ds", tmp_path)["logits"] - logits(model, IDS)).abs().max()) <= 1e-4
+
+
+def test_the_vllm_layout_is_the_same_model_at_the_same_latent_norm_eps(tmp_path):
+    """``--engine vllm`` (interleaved pairs, untied lm_head, RoPE written as YaRN of factor 1, the latent
+    norm's ε = rms_norm_eps): with transformers' ε given instead, stock transformers computes lowrank's
+    logits and tokens, so the YaRN form is the same rotation; with vLLM's ε it does not (transformers builds
+    that norm with 1e-6), which is why each engine gets its own export."""
+    from lowrank.cli.export import ENGINES as CLI_ENGINES
+    from lowrank.loading.export_deepseek import ENGINES, LATENT_NORM_EPS
+
+    assert CLI_ENGINES == ENGINES
+    model = make_tiny_model("llama", num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    compress(model, MLAConfig(rope_dim=4, kv_lora_rank=12), calibration=CALIB)
+    save_compressed(model, tmp_path / "m", tokenizer=tiny_tokenizer())
+    common = [
+        "export",
+        str(tmp_path / "m"),
+        "--format",
+        "deepseek-v3",
+        "--engine",
+        "vllm",
+        "--check-tokens",
+        "0",
+    ]
+    assert main([*common, "--out", str(tmp_path / "ds"), "--latent-norm-eps", str(LATENT_NORM_EPS)]) == 0
+    stock = _stock(tmp_path / "ds", tmp_path)
+    assert float((stock["logits"] - logits(model, IDS)).abs().max()) <= 1e-4
+    assert torch.equal(stock["tokens"], model.generate(IDS[:1, :8], max_new_tokens=8, do_sample=False))
+    config_json = json.loads((tmp_path / "ds" / "config.json").read_text())
+    rope = config_json["rope_parameters"]
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 1.0
+    assert rope["original_max_position_embeddings"] == model.config.max_position_embeddings
+    assert config_json["rope_interleave"] is True and config_json["tie_word_embeddings"] is False
+    manifest = json.loads((tmp_path / "ds" / "lowrank.json").read_text())
+    assert manifest["engine"] == "vllm" and manifest["latent_norm"]["epsilon_assumed"] == LATENT_NORM_EPS
+
+    assert main([*common, "--out", str(tmp_path / "vllm")]) == 0
+    manifest = json.loads((tmp_path / "vllm" / "lowrank.json").read_text())
+    assert manifest["latent_norm"]["epsilon_assumed"] == pytest.approx(model.config.rms_norm_eps)
+    assert float((_stock(tmp_path / "vllm", tmp_path)["logits"] - logits(model, IDS)).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="engine must be one of transformers, vllm; got 'sglang'"):
+        export_deepseek_v3(model, tmp_path / "bad", engine="sglang")
+    assert not (tmp_path / "bad").exists()

@@ -269,7 +269,6 @@ class DeepseekLatentAttention(nn.Module):
             f"implementation={self.implementation}"
         )
 
-    # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     # -- healing protocol (see lowrank.nn.registry) --------------------------------------------
     def healing_scope(self) -> str:
         """``'attention'``: after the RoPE conversion the whole layer (q_proj included) relearns to match."""
@@ -279,6 +278,7 @@ class DeepseekLatentAttention(nn.Module):
         """The rate measured for converted attention training whole (every parameter here is the layer's)."""
         return ATTENTION_LEARNING_RATE
 
+    # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     def replacement_spec(self) -> dict[str, Any]:
         return {
             "kv_lora_rank": self.kv_lora_rank,

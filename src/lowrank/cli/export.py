@@ -3,7 +3,7 @@
 ``lowrank export MODEL --format deepseek-v3 --out DIR`` writes a model whose every layer was converted
 by ``lowrank compress --method mla`` (``--partial-rope rorope``, the default) as a stock
 ``DeepseekV3ForCausalLM`` directory: ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it with plain
-transformers (see :mod:`lowrank.loading.export_deepseek`).
+transformers (see :mod:`lowrank.loading.export_deepseek`); ``--engine vllm`` lays it out for vLLM instead.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import argparse
 
 from lowrank.cli._common import add_model_arguments
 
-__all__ = ["register", "run", "FORMATS"]
+__all__ = ["register", "run", "ENGINES", "FORMATS"]
 
 FORMATS = ("deepseek-v3",)
+ENGINES = ("transformers", "vllm")
+"""``lowrank.loading.export_deepseek.ENGINES``, repeated so that building the parser imports no torch."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="allow --out to replace a non-empty directory that this toolkit did not write",
     )
     p.add_argument(
+        "--engine",
+        default="transformers",
+        choices=ENGINES,
+        help="the program that will load the export (default transformers). vllm: interleaved rotary "
+        "pairs, an untied lm_head, the latent norm's epsilon = rms_norm_eps and the RoPE written as YaRN of "
+        "factor 1 (the same rotation; vLLM 0.32's CPU rotary kernel mis-rotates MLA queries under the "
+        "default RoPE); add --kv-lora-rank 512 for vLLM's CPU MLA kernel (it takes only 512 + rotary 64)",
+    )
+    p.add_argument(
         "--check-tokens",
         type=int,
         default=2048,
@@ -46,11 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--latent-norm-eps",
         type=float,
         default=None,
-        help="epsilon of the engine's latent RMSNorm (default: transformers' 1e-6)",
+        help="epsilon of the engine's latent RMSNorm (default: the engine's; transformers 1e-6)",
     )
     p.add_argument(
         "--rope-interleave",
         action="store_true",
+        default=None,
         help="write the rotary rows in interleaved pair order (config rope_interleave=true; vLLM's CPU MLA "
         "kernel needs it); the model is the same",
     )
@@ -65,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--untie-embeddings",
         action="store_true",
+        default=None,
         help="write lm_head as its own copy of the embeddings (vLLM's DeepSeek-V3 model does not tie them)",
     )
     p.set_defaults(func=run)
@@ -72,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowrank.io.files import check_output_dir
-    from lowrank.loading.export_deepseek import LATENT_NORM_EPS, export_deepseek_v3
+    from lowrank.loading.export_deepseek import export_deepseek_v3
     from lowrank.loading.models import load_model
 
     name = args.model_path or args.model
@@ -95,11 +108,13 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         tokenizer=tokenizer,
         calibration=ids,
-        epsilon=args.latent_norm_eps or LATENT_NORM_EPS,
+        engine=args.engine,
+        epsilon=args.latent_norm_eps,
         rope_interleave=args.rope_interleave,
         kv_lora_rank=args.kv_lora_rank,
         untie_embeddings=args.untie_embeddings,
         overwrite=args.overwrite,
     )
-    print(f"wrote {out} (deepseek-v3; loads with transformers' AutoModelForCausalLM)")
+    loads = "vLLM" if args.engine == "vllm" else "transformers' AutoModelForCausalLM"
+    print(f"wrote {out} (deepseek-v3 for {args.engine}; loads with {loads})")
     return 0

@@ -6,14 +6,27 @@ num_attention_heads``, ``q_lora_rank=None``, every MLP dense (``first_k_dense_re
 ``num_mtp_layers=0``, ``rope_interleave=False`` (rotate-half order, as the conversion computes) and the
 source's tied embeddings. The softmax scale is already folded into ``q_proj`` by the conversion.
 
-Two options serve engines with fixed kernels (vLLM's CPU MLA kernel takes only 512 + 64 and interleaved
-pairs): ``rope_interleave=True`` permutes the rotary rows of ``q_proj`` and ``kv_a_proj_with_mqa`` from
-rotate-half order (pair i = features i, i + ρ/2) to interleaved order (pair i = features 2i, 2i + 1), which
-DeepSeek's interleaved RoPE maps back before rotating, so the scores are the same; ``kv_lora_rank=R``
-pads the latent with R − r zero rows in ``kv_a_proj_with_mqa`` and zero columns in ``kv_b_proj``: the same
-model, with R − r more cached numbers per token and layer. ``untie_embeddings=True`` writes ``lm_head`` as
-its own tensor: vLLM 0.32's DeepSeek-V3 model builds an ``lm_head`` of its own and never ties it to the
-embeddings, so a tied checkpoint would serve an uninitialised output layer there.
+**Engines.** ``engine`` lays the export out for the program that will load it (:func:`engine_settings`):
+``"transformers"`` (the defaults above) or ``"vllm"`` (vLLM 0.32's DeepSeek-V3 model: interleaved rotary
+pairs, an untied ``lm_head``, the latent norm's ε = ``rms_norm_eps`` and the RoPE written as YaRN of factor
+1). Each setting can also be given on its own:
+
+* ``rope_interleave=True`` permutes the rotary rows of ``q_proj`` and ``kv_a_proj_with_mqa`` from rotate-half
+  order (pair i = features i, i + ρ/2) to interleaved order (pair i = features 2i, 2i + 1), which
+  DeepSeek's interleaved RoPE maps back before rotating, so the scores are the same.
+* ``kv_lora_rank=R`` pads the latent with R − r zero rows in ``kv_a_proj_with_mqa`` and zero columns in
+  ``kv_b_proj``: the same model, with R − r more cached numbers per token and layer (vLLM's CPU MLA kernel
+  takes only 512 + 64).
+* ``untie_embeddings=True`` writes ``lm_head`` as its own tensor: vLLM 0.32's DeepSeek-V3 model builds an
+  ``lm_head`` of its own and never ties it to the embeddings, so a tied checkpoint would serve an
+  uninitialised output layer there.
+* ``identity_yarn=True`` writes ``rope_parameters`` as ``{"rope_type": "yarn", "factor": 1.0, ...}``: YaRN
+  of factor 1 interpolates no frequency and scales nothing, and stock transformers computes it bit for bit
+  as the default RoPE. vLLM 0.32 on the CPU needs it: its default-RoPE class rotates with the
+  ``rotary_embedding`` kernel, which reads a (tokens, heads, dim) query as tokens·heads rows and turns the
+  row of token t, head h by ``positions[t·heads + h]`` (past the end of ``positions`` for most rows)
+  instead of ``positions[t]``, so in DeepSeek's MLA (whose query is 3-D) only the first token's first head
+  is rotated right; its YaRN class rotates in PyTorch. ``benchmarks/vllm_rope_check.py`` reproduces both.
 
 **The latent RMSNorm.** DeepSeek normalises the latent (``kv_a_layernorm``, RMSNorm with ε = 1e-6 in
 transformers) before ``kv_b_proj``; the conversion's latent is a plain linear image of the input. The export
@@ -43,11 +56,37 @@ from lowrank.nn.architectures import decoder_layers, get_arch_spec
 from lowrank.nn.attention_layout import attention_info, attention_shape
 from lowrank.nn.surgery import get_module
 
-__all__ = ["export_deepseek_v3", "deepseek_v3_problem", "stock_rope_theta", "LATENT_NORM_EPS"]
+__all__ = [
+    "ENGINES",
+    "LATENT_NORM_EPS",
+    "deepseek_v3_problem",
+    "engine_settings",
+    "export_deepseek_v3",
+    "stock_rope_theta",
+]
 
 #: ε of transformers' ``DeepseekV3Attention.kv_a_layernorm`` (its RMSNorm default; not ``rms_norm_eps``).
 LATENT_NORM_EPS = 1e-6
 EXPORTABLE = ("llama", "mistral")
+#: The programs an export can be laid out for (``export_deepseek_v3(engine=...)``).
+ENGINES = ("transformers", "vllm")
+
+
+def engine_settings(engine: str, rms_norm_eps: float) -> dict[str, Any]:
+    """What loading in ``engine`` needs of a DeepSeek-V3 export whose config has ``rms_norm_eps``:
+    ``epsilon`` (the ε the engine builds ``kv_a_layernorm`` with: transformers its RMSNorm default 1e-6,
+    vLLM 0.32 ``rms_norm_eps``), ``rope_interleave`` (vLLM's DeepSeek model always rotates interleaved
+    pairs), ``untie_embeddings`` (vLLM's never ties ``lm_head``) and ``identity_yarn`` (vLLM's CPU rotary
+    kernel mis-rotates a 3-D query; see the module docstring)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    vllm = engine == "vllm"
+    return {
+        "epsilon": float(rms_norm_eps) if vllm else LATENT_NORM_EPS,
+        "rope_interleave": vllm,
+        "untie_embeddings": vllm,
+        "identity_yarn": vllm,
+    }
 
 
 def deepseek_v3_problem(model: nn.Module) -> str | None:
@@ -106,6 +145,22 @@ def stock_rope_theta(theta: float, head_dim: int, frequencies: list[int]) -> flo
     if stride is None:
         raise ValueError(f"frequencies {list(frequencies)} are not one ladder j·s from 0")
     return float(theta) ** (stride * 2 * len(frequencies) / head_dim)
+
+
+def _rope_parameters(
+    source: Any, head_dim: int, module: DeepseekLatentAttention, identity_yarn: bool
+) -> dict[str, Any]:
+    """The export's ``rope_parameters``: the default RoPE at the stock base that turns the conversion's
+    frequencies, or the same rotation written as YaRN of factor 1 (``identity_yarn``)."""
+    theta = stock_rope_theta(source.rope_parameters["rope_theta"], head_dim, module.rope_frequencies.tolist())
+    if not identity_yarn:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {
+        "rope_type": "yarn",
+        "factor": 1.0,
+        "original_max_position_embeddings": source.max_position_embeddings,
+        "rope_theta": theta,
+    }
 
 
 def _latent_bound(module: DeepseekLatentAttention, norm: nn.Module) -> float:
@@ -168,10 +223,12 @@ def export_deepseek_v3(
     tokenizer: Any = None,
     calibration: torch.Tensor | None = None,
     ratio: float = 1e-6,
-    epsilon: float = LATENT_NORM_EPS,
-    rope_interleave: bool = False,
+    engine: str = "transformers",
+    epsilon: float | None = None,
+    rope_interleave: bool | None = None,
     kv_lora_rank: int | None = None,
-    untie_embeddings: bool = False,
+    untie_embeddings: bool | None = None,
+    identity_yarn: bool | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (every layer converted by ``mla`` with ``partial_rope='rorope'``) as a stock
@@ -183,11 +240,14 @@ def export_deepseek_v3(
         tokenizer: saved alongside when given.
         calibration: token ids (b, t) on which the latent's mean square is measured and recorded.
         ratio: the bound's ``δ² mean(c²) / ε`` (how far below ε the latent stays; default 1e-6).
+        engine: the program that will load the export (:data:`ENGINES`); it sets the next four settings
+            that are left ``None`` (:func:`engine_settings`).
         epsilon: the latent norm's ε the export assumes (transformers: 1e-6).
         rope_interleave: write the rotary rows in interleaved pair order (see the module docstring).
         kv_lora_rank: pad the latent with zeros to this width (≥ the conversion's; default: as converted).
         untie_embeddings: write ``lm_head.weight`` as its own copy of the input embeddings and
             ``tie_word_embeddings=False`` (vLLM's DeepSeek-V3 model ignores tied embeddings).
+        identity_yarn: write the RoPE as YaRN of factor 1 (the same rotation; see the module docstring).
         overwrite: also replace a non-empty directory this toolkit did not write.
 
     Returns:
@@ -201,6 +261,18 @@ def export_deepseek_v3(
     problem = deepseek_v3_problem(model)
     if problem is not None:
         raise ValueError(f"cannot export as deepseek-v3: {problem}")
+    source = model.config.get_text_config(decoder=True)
+    given = {
+        "epsilon": epsilon,
+        "rope_interleave": rope_interleave,
+        "untie_embeddings": untie_embeddings,
+        "identity_yarn": identity_yarn,
+    }
+    layout = {
+        name: default if given[name] is None else given[name]
+        for name, default in engine_settings(engine, source.rms_norm_eps).items()
+    }
+    epsilon = layout["epsilon"]
     if not 0 < ratio < 1e-2 or not epsilon > 0:
         raise ValueError(f"ratio must be in (0, 0.01) and epsilon > 0; got {ratio}, {epsilon}")
     dtype = next(model.parameters()).dtype
@@ -214,7 +286,6 @@ def export_deepseek_v3(
             "pass a width at least that large (the latent can be padded, not cut)"
         )
     out = check_output_dir(out_dir, overwrite=overwrite)
-    source = model.config.get_text_config(decoder=True)
     shape = attention_shape(source)
     layers = decoder_layers(model)
     attention = get_arch_spec(model).attention
@@ -243,14 +314,10 @@ def export_deepseek_v3(
         hidden_act=source.hidden_act,
         max_position_embeddings=source.max_position_embeddings,
         rms_norm_eps=source.rms_norm_eps,
-        tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False)) and not untie_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": stock_rope_theta(
-                source.rope_parameters["rope_theta"], shape.head_dim, first.rope_frequencies.tolist()
-            ),
-        },
-        rope_interleave=rope_interleave,
+        tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False))
+        and not layout["untie_embeddings"],
+        rope_parameters=_rope_parameters(source, shape.head_dim, first, layout["identity_yarn"]),
+        rope_interleave=layout["rope_interleave"],
         attention_bias=False,
         attention_dropout=0.0,
         bos_token_id=source.bos_token_id,
@@ -271,7 +338,7 @@ def export_deepseek_v3(
         p = f"model.layers.{i}."
         bound = _latent_bound(module, layer.input_layernorm)
         delta = math.sqrt(ratio * epsilon / max(bound, 1e-300))
-        q, kv_a, kv_b = _engine_layout(module, delta, width, rope_interleave)
+        q, kv_a, kv_b = _engine_layout(module, delta, width, layout["rope_interleave"])
         state.update(
             {
                 p + "input_layernorm.weight": layer.input_layernorm.weight,
@@ -317,7 +384,9 @@ def export_deepseek_v3(
             "written": width,
             "zero_padding": width - first.kv_lora_rank,
         },
-        "rope_interleave": rope_interleave,
+        "engine": engine,
+        "rope_interleave": layout["rope_interleave"],
+        "rope_parameters": config.rope_parameters,
         "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": str(dtype).removeprefix("torch."),
     }
