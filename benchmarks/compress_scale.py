@@ -78,6 +78,8 @@ def method_config(args: argparse.Namespace, decomposer: str):
             },
             "calibration": calibration_config(args),
             "compute_dtype": args.compute_dtype,
+            # uniform ranks: the run times the SVD stages, not the end-loss allocation on random weights
+            **({"allocation": "uniform"} if args.method == "svd-llm-v2" else {}),
         }
     )
 

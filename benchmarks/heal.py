@@ -51,13 +51,38 @@ from lowrank.training.healing import PRECISIONS, SOURCES
 from lowrank.training.trainable import TRAINABLE
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2}),
-    ("svd-llm-v2 40 % removed", {"method": "svd-llm-v2", "ratio": 0.4}),
+    # measured with the uniform allocation (before "auto" became svd-llm-v2's default)
+    ("svd-llm-v2 20 % removed", {"method": "svd-llm-v2", "ratio": 0.2, "allocation": "uniform"}),
+    ("svd-llm-v2 40 % removed", {"method": "svd-llm-v2", "ratio": 0.4, "allocation": "uniform"}),
     ("mla seed (31.25 % KV)", {"method": "mla", "partial_rope": "mha2mla", "rope_dim": 8, "kv_rank": 32}),
     ("mla 50 % KV", {"method": "mla", "partial_rope": "mha2mla", "rope_dim": 8, "kv_rank": 56}),
     (
         "kv-projection kq pre-RoPE R/d 0.5",
         {"method": "kv-projection", "kv_method": "kq", "rope": "pre", "rank_fraction": 0.5},
+    ),
+    # the DeepSeek-layout conversion at the seed's budget (120 numbers: rope 32 + latent 88): with
+    # TransMLA's settings, then with mla's defaults (chosen on calibration text), each named in full
+    (
+        "mla rorope 32 + 88, TransMLA's freqfold 1 + kv latent (31.25 % KV)",
+        {
+            "method": "mla",
+            "partial_rope": "rorope",
+            "rope_dim": 32,
+            "kv_lora_rank": 88,
+            "freqfold": 1,
+            "latent_objective": "kv",
+        },
+    ),
+    (
+        "mla rorope 32 + 88, default freqfold 4 + attention latent (31.25 % KV)",
+        {
+            "method": "mla",
+            "partial_rope": "rorope",
+            "rope_dim": 32,
+            "kv_lora_rank": 88,
+            "freqfold": 4,
+            "latent_objective": "attention",
+        },
     ),
 ]
 TARGET = 0.5

@@ -96,7 +96,10 @@ class _Run:
 
         if ratio not in self._lowrank:
             calibration = calibration_config(self.args, sequential=False)
-            config = config_from_dict({"method": "svd-llm-v2", "ratio": ratio, "calibration": calibration})
+            # uniform ranks: the shared Grams come without the token ids the auto allocation trains on
+            config = config_from_dict(
+                {"method": "svd-llm-v2", "ratio": ratio, "allocation": "uniform", "calibration": calibration}
+            )
             if self._grams is None:
                 self._grams = collect_gram_statistics(
                     self.model, calibration_tokens(config.calibration, self.tokenizer), config

@@ -23,13 +23,14 @@ from benchmarks._common import load_for_evaluation, perplexities
 from benchmarks._sweep import Sweep, calibration_config, parser
 
 CONTEXT = 4096
+# svd-llm-v2 with uniform ranks, as measured (its default allocation, auto, came later)
 STACKS: dict[str, list[dict[str, Any]]] = {
     "svd-llm-v2 MLP 20 % + mla (31.25 % KV)": [
-        {"method": "svd-llm-v2", "ratio": 0.2, "targets": ["re:.*mlp\\..*_proj"]},
+        {"method": "svd-llm-v2", "ratio": 0.2, "allocation": "uniform", "targets": ["re:.*mlp\\..*_proj"]},
         {"method": "mla", "partial_rope": "mha2mla", "rope_dim": 8, "kv_rank": 32},
     ],
     "svd-llm-v2 MLP 20 % + kv-projection kq pre-RoPE (R/d 0.5)": [
-        {"method": "svd-llm-v2", "ratio": 0.2, "targets": ["re:.*mlp\\..*_proj"]},
+        {"method": "svd-llm-v2", "ratio": 0.2, "allocation": "uniform", "targets": ["re:.*mlp\\..*_proj"]},
         {"method": "kv-projection", "kv_method": "kq", "rank_fraction": 0.5, "rope": "pre"},
     ],
 }

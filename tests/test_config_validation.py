@@ -337,6 +337,29 @@ def test_a_real_migration_renames_a_field_and_checks_the_result():
     assert _ResizedMethod.from_dict(_ResizedMethod(width=3).to_dict()) == _ResizedMethod(width=3)
 
 
+def test_what_a_user_writes_without_a_version_gets_todays_defaults(tmp_path):
+    """Flags, a command's recipe, a hand-written config file and ``config_from_dict`` carry no version: they
+    are read in the current form, so ``svd-llm-v2`` allocates ``auto`` and ``mla`` takes the rorope
+    defaults chosen on calibration text; a saved config keeps the meaning of its version."""
+    parse = build_parser("compress").parse_args
+    v2 = build_config(parse(["compress", "--method", "svd-llm-v2", "--ratio", "0.2", "--out", "o"]))
+    assert v2.allocation == "auto"
+    mla = build_config(parse(["compress", "--method", "mla", "--rope-dim", "32", "--kv-lora-rank", "88"]))
+    assert (mla.freqfold, mla.latent_objective) == (None, "attention")  # None: the resolved default
+    assert build_config(parse(["compress", "--out", "o"]), {"ratio": 0.2}).allocation == "auto"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"method": "mla", "rope_dim": 32, "kv_lora_rank": 88}))
+    assert build_config(parse(["compress", "--config", str(cfg)])).latent_objective == "attention"
+    cfg.write_text(json.dumps({"method": "mla", "version": 1, "rope_dim": 32, "kv_lora_rank": 88}))
+    saved = build_config(parse(["compress", "--config", str(cfg)]))
+    assert (saved.freqfold, saved.latent_objective) == (1, "kv")  # version 1 meant TransMLA's settings
+    assert config_from_dict({"method": "svd-llm-v2", "ratio": 0.2}).allocation == "auto"
+    assert config_from_dict({"method": "svd-llm-v2", "version": 1, "ratio": 0.2}).allocation == "uniform"
+    assert config_from_dict({"method": "mla", "rope_dim": 32, "kv_lora_rank": 88}).latent_objective == (
+        "attention"
+    )
+
+
 def test_svd_llm_v2_configs_from_before_auto_keep_their_uniform_allocation():
     """Version 2 made ``auto`` the default: an older config that left ``allocation`` out meant uniform."""
     assert SVDLLMV2Config.from_dict({"version": 1, "ratio": 0.2}).allocation == "uniform"

@@ -149,7 +149,9 @@ def add_method_flags(parser: argparse.ArgumentParser, classes: dict[str, type]) 
 def config_from_args(
     args: argparse.Namespace, specs: dict[str, FlagSpec], method: str, base: dict[str, Any]
 ) -> Any:
-    """Build the config of ``method`` from ``base`` (a config dict) overridden by the flags given.
+    """Build the config of ``method`` from ``base`` (a config dict) overridden by the flags given. A ``base``
+    without a ``"version"`` key (the flags alone, a command's recipe, a config file a user wrote) is read in
+    the current form, so the defaults are today's; a saved config's version is kept and migrated from.
 
     Raises:
         ValueError: a given flag does not belong to ``method``, or the config rejects a value.
@@ -157,7 +159,7 @@ def config_from_args(
     from lowrank.methods import config_class
 
     cls = config_class(method)
-    data: dict[str, Any] = {**base, "method": method}
+    data: dict[str, Any] = {"version": cls.version, **base, "method": method}
     given: dict[str, str] = {}  # field → flag, to refuse two flags of one exclusive group as the API does
     for dest, spec in specs.items():
         value = getattr(args, dest, None)

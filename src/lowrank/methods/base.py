@@ -170,12 +170,18 @@ def config_class(name: str) -> type[MethodConfig]:
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Build the config of the method named in ``data["method"]``."""
+    """Build the config of the method named in ``data["method"]``.
+
+    A dict without a ``"version"`` key is read in the current form, as a user writes it (``{"method":
+    "mla", "rope_dim": 32}`` gets today's defaults); one with a version, as every config lowrank saves
+    carries, is migrated from that version. ``MethodConfig.from_dict`` itself reads a dict without a
+    version as version 0 (saved before versions existed)."""
     if not isinstance(data, dict):
         raise ValueError(
             f"a method config must be a JSON object with a 'method' key; got {type(data).__name__}"
         )
-    return config_class(data.get("method")).from_dict(data)
+    cls = config_class(data.get("method"))
+    return cls.from_dict({"version": cls.version, **data})
 
 
 def _kv_bytes(model: nn.Module) -> float | None:
