@@ -16,6 +16,7 @@ from conftest import make_tiny_model, random_tokens
 import lowrank.training.checkpoints as checkpoints
 import lowrank.training.healing as heal_module
 from lowrank.attention.cache import kv_bytes_per_token
+from lowrank.attention.deepseek_mla import DEEPSEEK_MLA_LEARNING_RATE
 from lowrank.attention.low_rank_kv import CODEC_LEARNING_RATE
 from lowrank.attention.wrapper import ATTENTION_LEARNING_RATE
 from lowrank.cli import main
@@ -204,6 +205,9 @@ def test_the_default_learning_rate_follows_what_trains():
     assert default_learning_rate(kv, "all") == default_learning_rate(mla, "replaced") == LEARNING_RATE
     assert default_learning_rate(mla) == default_learning_rate(kv, "attention") == ATTENTION_LEARNING_RATE
     assert default_learning_rate(both) == default_learning_rate(both, "attention") == LEARNING_RATE
+    deepseek = _compressed(teacher, MLAConfig(**MLAConfig.example))  # mla's default, DeepSeek layout
+    assert resolve_trainable(deepseek) == "attention"
+    assert default_learning_rate(deepseek) == DEEPSEEK_MLA_LEARNING_RATE < ATTENTION_LEARNING_RATE
     details = heal(kv, teacher, _ids(), _config(learning_rate=None, tokens=4 * SEQ_LEN), progress=False)
     assert details["learning_rate"] == CODEC_LEARNING_RATE
 

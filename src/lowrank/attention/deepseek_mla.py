@@ -47,11 +47,23 @@ from transformers import DynamicCache
 
 from lowrank.attention.cache import default_kv_bytes_per_token, register_cache
 from lowrank.attention.rope import pair_dims, rotate
-from lowrank.attention.wrapper import ATTENTION_LEARNING_RATE, attention_kernel
+from lowrank.attention.wrapper import attention_kernel
 from lowrank.nn import register_replacement
 from lowrank.nn.attention_layout import LayerAttention, attention_implementation, layer_attention
 
-__all__ = ["DECODE_PATHS", "DeepseekLatentAttention", "LatentRopeCache", "set_decode_path"]
+__all__ = [
+    "DECODE_PATHS",
+    "DEEPSEEK_MLA_LEARNING_RATE",
+    "DeepseekLatentAttention",
+    "LatentRopeCache",
+    "set_decode_path",
+]
+
+DEEPSEEK_MLA_LEARNING_RATE = 1e-4
+"""Peak healing learning rate of this attention training whole, measured on the built-in model at the
+seed's budget (rope 32 + latent 88, 200k tokens; benchmarks/results/heal_cpu.md): from the conversion's
+wiki 45.2, 1e-4 wins back 0.78 of the lost log-perplexity (→ 19.6), while 3e-4, the rate of MHA2MLA-style
+attention that starts from 279, raised the held-out loss for 30 steps and stopped early with no gain."""
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +287,9 @@ class DeepseekLatentAttention(nn.Module):
         return "attention"
 
     def healing_learning_rate(self, trainable: str) -> float:
-        """The rate measured for converted attention training whole (every parameter here is the layer's)."""
-        return ATTENTION_LEARNING_RATE
+        """:data:`DEEPSEEK_MLA_LEARNING_RATE`, measured for this conversion (every parameter here is the
+        layer's)."""
+        return DEEPSEEK_MLA_LEARNING_RATE
 
     # -- serialization protocol (see lowrank.nn.registry) --------------------------------------
     def replacement_spec(self) -> dict[str, Any]:

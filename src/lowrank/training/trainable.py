@@ -54,10 +54,11 @@ def trainable_parameters(model: nn.Module, trainable: str = "auto") -> dict[str,
 
 def default_learning_rate(model: nn.Module, trainable: str = "auto") -> float:
     """The peak learning rate a healing run uses when none is given: the rate every replacement module
-    names for itself (``healing_learning_rate``, measured: 3e-4 for converted attention training whole,
-    :data:`~lowrank.attention.wrapper.ATTENTION_LEARNING_RATE`; 1e-5 for ``kv-projection`` codecs alone,
-    :data:`~lowrank.attention.low_rank_kv.CODEC_LEARNING_RATE`) when they all agree; :data:`LEARNING_RATE`
-    in every other case."""
+    names for itself (``healing_learning_rate``, measured: 3e-4 for MHA2MLA-style attention training whole,
+    :data:`~lowrank.attention.wrapper.ATTENTION_LEARNING_RATE`; 1e-4 for the DeepSeek-layout conversion,
+    :data:`~lowrank.attention.deepseek_mla.DEEPSEEK_MLA_LEARNING_RATE`; 1e-5 for ``kv-projection`` codecs
+    alone, :data:`~lowrank.attention.low_rank_kv.CODEC_LEARNING_RATE`) when they all agree;
+    :data:`LEARNING_RATE` in every other case."""
     trainable = resolve_trainable(model, trainable)
     replaced = replacement_modules(model)
     if trainable == "all" or not replaced:
