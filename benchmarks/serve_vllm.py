@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _rope_form(parameters: dict[str, Any]) -> str:
+def _rope_form(parameters: dict[str, Any] | None) -> str:
+    """How the export writes its RoPE (absent from results made before it was recorded)."""
+    if not parameters:
+        return "a RoPE form these results do not record"
     if parameters.get("rope_type") == "yarn":
         return f"YaRN of factor {parameters['factor']:g} (θ = {parameters['rope_theta']:g})"
     return f"the default RoPE (θ = {parameters['rope_theta']:g})"
@@ -271,7 +274,7 @@ def markdown(p: dict[str, Any]) -> str:
             f"wiki {q['original']['wiki']:.2f} → {q['converted']['wiki']:.2f}, shakespeare "
             f"{q['original']['shakespeare']:.2f} → {q['converted']['shakespeare']:.2f}), exported with the "
             f"latent padded to {p['export']['latent']['written']}, interleaved rotary pairs and the RoPE "
-            f"written as {_rope_form(p['export']['rope_parameters'])}: "
+            f"written as {_rope_form(p['export'].get('rope_parameters'))}: "
             f"{p['export']['cached_numbers_per_token_and_layer']} cached numbers per token and layer, above "
             "the original's 384 (a correctness check of the layout in an engine, not a saving). "
             f"{p['prompts']} prompts of {s['prompt_len']} tokens, {s['max_new_tokens']} greedy tokens each, "
