@@ -149,17 +149,18 @@ def add_method_flags(parser: argparse.ArgumentParser, classes: dict[str, type]) 
 def config_from_args(
     args: argparse.Namespace, specs: dict[str, FlagSpec], method: str, base: dict[str, Any]
 ) -> Any:
-    """Build the config of ``method`` from ``base`` (a config dict) overridden by the flags given. A ``base``
-    without a ``"version"`` key (the flags alone, a command's recipe, a config file a user wrote) is read in
-    the current form, so the defaults are today's; a saved config's version is kept and migrated from.
+    """Build the config of ``method`` from ``base`` (a config dict) overridden by the flags given, through
+    :func:`lowrank.methods.config_from_dict`: a ``base`` without a ``"version"`` key (the flags alone, a
+    command's recipe, a config file a user wrote) is read in the current form, so the defaults are today's;
+    a saved config's version is kept and migrated from.
 
     Raises:
         ValueError: a given flag does not belong to ``method``, or the config rejects a value.
     """
-    from lowrank.methods import config_class
+    from lowrank.methods import config_class, config_from_dict
 
     cls = config_class(method)
-    data: dict[str, Any] = {"version": cls.version, **base, "method": method}
+    data: dict[str, Any] = {**base, "method": method}
     given: dict[str, str] = {}  # field → flag, to refuse two flags of one exclusive group as the API does
     for dest, spec in specs.items():
         value = getattr(args, dest, None)
@@ -177,7 +178,7 @@ def config_from_args(
                 for other in group:
                     data.pop(other, None)
         _set(data, spec.path, tuple(value) if isinstance(value, list) else value)
-    return cls.from_dict(data)
+    return config_from_dict(data)
 
 
 def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
